@@ -1,0 +1,158 @@
+"""Process topology and collectives: who am I (torchrun or Slurm), set-up and teardown, and the
+all-gather that keeps gradients.
+
+The gather is the piece the loss depends on for exactness. Its backward is a reduce-scatter of
+the SUM of every rank's gradient, so a rank's embeddings receive the gradient of every rank's
+loss term that used them. Each rank's loss is the mean over its own rows, and DDP then averages
+parameter gradients over the W ranks: the result is exactly the gradient of the mean loss over
+the global batch. No factor of W to add or remove anywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+# torch 2.13 renamed the functional all-gather; the GPU images still ship 2.11.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, read from the launcher's environment variables."""
+
+    rank: int = 0
+    """Global rank, 0 .. world_size - 1."""
+    local_rank: int = 0
+    """Rank within this node; selects the GPU."""
+    world_size: int = 1
+    """Number of processes in the job."""
+    master_addr: str = "127.0.0.1"
+    """Address of rank 0, where the process group rendezvous happens."""
+    master_port: int = 29500
+    """TCP port of the rendezvous on master_addr."""
+    launcher: str = "none"
+    """Which variables these came from: 'torchrun', 'slurm' or 'none' (a single process)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """The first host name of a Slurm node list, e.g. 'gpu[007-010,012],cpu1' -> 'gpu007'.
+
+    Parsed here rather than with `scontrol show hostnames` so that it works inside containers
+    that do not ship the Slurm client.
+    """
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    # Each bracket group holds ranges like '007-010,012'; the first host takes the first value of
+    # every group, keeping its zero padding.
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], first)
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank, local rank, world size and rendezvous address from torchrun's variables, else Slurm's.
+
+    torchrun wins when both are present: under `srun torchrun` (one torchrun per node), Slurm's
+    SLURM_PROCID is the node's index, not the worker's rank.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env["WORLD_SIZE"]),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        # Every task of one job must agree on the port without talking: derive it from the job id.
+        default_port = 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            world_size=int(env["SLURM_NTASKS"]),
+            master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+            master_port=int(env.get("MASTER_PORT", default_port)),
+            launcher="slurm",
+        )
+    return DistEnv()
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
+    """Join the process group described by the environment (a no-op for a single process).
+
+    backend defaults to nccl when CUDA is available, gloo otherwise. Returns the DistEnv.
+    """
+    info = read_env()
+    if info.world_size == 1 or dist.is_initialized():
+        return info
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{info.master_addr}:{info.master_port}",
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return info
+
+
+def teardown() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along dim 0, keeping the graph back to each rank's own.
+
+    All ranks must pass the same shape. Uses torch's functional collective, whose backward is a
+    reduce-scatter (sum); tests/test_distributed.py checks its gradients on gloo.
+    """
+    if world_size() == 1:
+        return tensor
+    return _all_gather_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along dim 0 (no autograd; e.g. text hashes)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.new_empty((world_size() * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather_into(out, tensor.contiguous())
+    return out
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over ranks (a new tensor; for logging, not for gradients)."""
+    if world_size() == 1:
+        return tensor.detach().clone()
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / world_size()

@@ -1,0 +1,382 @@
+"""The InfoNCE / Multiple Negatives Ranking loss family, exact across ranks.
+
+Inputs per rank: queries q (b, d) and documents docs (b, 1 + n, d), docs[:, 0] the positive of
+each query and docs[:, 1:] its n hard negatives. Under torch.distributed (world size W > 1), q
+and docs of all ranks are gathered with gradients: rows stay local, columns are global. Local
+row i of rank r is global row g = r * b + i; document columns are ordered by slot (all
+positives first, then all first hard negatives, ...), so column k = c * N + g with N = W * b.
+
+A loss is a set of `directions`, each a block of scores for local row i:
+  query_to_doc    s(q_g, every doc column)          nothing masked; holds the positive (col g)
+  query_to_query  s(q_g, every global query)        the row's own query masked
+  doc_to_query    s(positive_g, every global query) nothing masked (col g repeats the positive)
+  doc_to_doc      s(positive_g, every doc column)   the row's own group (positive + negatives) masked
+and a `partition`: "joint" takes one logsumexp over all chosen blocks, "per_direction" the mean
+of one logsumexp per block. Loss per row = that minus the positive score s(q_g, positive_g);
+the loss is the mean over local rows. s is cosine similarity / temperature. These are the
+semantics of sentence-transformers' MultipleNegativesRankingLoss (v5.3+), checked number for
+number in tests/test_losses.py.
+
+Both partitions reduce to one logsumexp per block (joint = logsumexp of the block logsumexps),
+which is what lets the tiled variant stream over columns without ever holding a full block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer import distributed
+
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+PARTITIONS = ("joint", "per_direction")
+PRESETS: dict[str, tuple[tuple[str, ...], str]] = {
+    "infonce": (("query_to_doc",), "joint"),
+    "symmetric": (("query_to_doc", "doc_to_query"), "per_direction"),
+    "gte": (DIRECTIONS, "joint"),
+}
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """Training-health figures over this rank's rows, computed in the loss's own pass (detached)."""
+
+    accuracy: Tensor
+    """Fraction of rows whose positive scores above every unmasked query_to_doc negative."""
+    pos_sim: Tensor
+    """Mean cosine similarity of each query to its positive."""
+    neg_sim: Tensor
+    """Mean over rows of the highest cosine among the row's unmasked query_to_doc negatives."""
+
+
+@dataclass(frozen=True)
+class _GlobalBatch:
+    """One rank's view of the global batch: its own rows, everyone's columns (all normalised)."""
+
+    queries: Tensor  # (b, d) local rows
+    positives: Tensor  # (b, d) local rows
+    all_queries: Tensor  # (N, d)
+    doc_columns: Tensor  # (C * N, d), column k = c * N + g
+    rows: Tensor  # (b,) global row index g of each local row
+    pos_cos: Tensor  # (b,) cosine of each local query to its positive
+    # Text hashes, present only when duplicate masking is on.
+    query_hash: Tensor | None = None  # (b,)
+    pos_hash: Tensor | None = None  # (b,)
+    all_query_hash: Tensor | None = None  # (N,)
+    all_pos_hash: Tensor | None = None  # (N,)
+    doc_col_hash: Tensor | None = None  # (C * N,)
+
+    @property
+    def num_rows(self) -> int:  # N, the global batch size
+        return self.all_queries.shape[0]
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One direction: local anchors scored against global columns."""
+
+    name: str
+    anchors: Tensor  # (b, d)
+    columns: Tensor  # (M, d)
+    columns_are_docs: bool
+    has_target: bool  # column g is the row's positive pair (query_to_doc, doc_to_query)
+
+
+# (cosine tile (b, T), first column index) -> (masked (b, T), target (b, T) or None)
+MaskFn = Callable[[Tensor, int], tuple[Tensor, Tensor | None]]
+
+
+class ContrastiveLoss(nn.Module):
+    """InfoNCE-family loss over the global batch. See the module docstring for the semantics.
+
+    Args:
+        temperature: scores are cosine / temperature (sentence-transformers' scale = 1 / temperature).
+        directions: a subset of DIRECTIONS; query_to_doc is required (it holds the positive).
+        partition: "joint" or "per_direction" (the latter only with query_to_doc and doc_to_query).
+        mask_duplicates: mask false negatives that are the same text as the row's target, across
+            the global batch; forward() must then get query_hashes and doc_hashes. A document
+            column is masked when its hash equals the row's positive hash; a query column when its
+            hash equals the row's query hash or its own positive's hash equals the row's positive
+            hash (that query is a true pair of the row's positive). The target column never is.
+        false_negative_margin: if set, mask every non-target column whose cosine exceeds the
+            row's positive cosine by more than this margin (e.g. 0.1).
+        tile_size: if set, stream over column tiles of this many columns with a custom autograd
+            function that recomputes tiles in backward: same values and gradients, memory O(b * tile)
+            for the scores instead of O(b * C * N).
+        gather: gather q and docs across ranks when torch.distributed is initialised with W > 1.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        directions: tuple[str, ...] | list[str] = ("query_to_doc",),
+        partition: str = "joint",
+        *,
+        mask_duplicates: bool = False,
+        false_negative_margin: float | None = None,
+        tile_size: int | None = None,
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        directions = tuple(directions)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        unknown = [d for d in directions if d not in DIRECTIONS]
+        if unknown or not directions:
+            raise ValueError(f"directions must be a non-empty subset of {DIRECTIONS}, got {directions}")
+        if len(set(directions)) != len(directions):
+            raise ValueError(f"directions has repeats: {directions}")
+        if "query_to_doc" not in directions:
+            raise ValueError("directions must include 'query_to_doc': it holds the positive pair")
+        if partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+        if partition == "per_direction" and {"query_to_query", "doc_to_doc"} & set(directions):
+            raise ValueError(
+                "partition='per_direction' needs every direction to contain the positive pair; "
+                "query_to_query and doc_to_doc never do. Use partition='joint' with them."
+            )
+        if tile_size is not None and (int(tile_size) != tile_size or tile_size < 1):
+            raise ValueError(f"tile_size must be a positive integer or None, got {tile_size}")
+        self.temperature = float(temperature)
+        # Keep the blocks in the canonical order whatever order the caller listed them in.
+        self.directions = tuple(d for d in DIRECTIONS if d in directions)
+        self.partition = partition
+        self.mask_duplicates = bool(mask_duplicates)
+        self.false_negative_margin = None if false_negative_margin is None else float(false_negative_margin)
+        self.tile_size = None if tile_size is None else int(tile_size)
+        self.gather = gather
+        self.last_stats: LossStats | None = None
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> ContrastiveLoss:
+        """infonce = (query_to_doc,), joint; symmetric = (query_to_doc, doc_to_query),
+        per_direction; gte = all four, joint. kwargs go to the constructor."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown loss preset {name!r}; choose one of {sorted(PRESETS)}")
+        directions, partition = PRESETS[name]
+        return cls(directions=directions, partition=partition, **kwargs)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.temperature
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, directions={self.directions}, partition={self.partition!r}, "
+            f"mask_duplicates={self.mask_duplicates}, false_negative_margin={self.false_negative_margin}, "
+            f"tile_size={self.tile_size}"
+        )
+
+    def forward(
+        self,
+        q: Tensor,
+        docs: Tensor,
+        query_hashes: Tensor | None = None,
+        doc_hashes: Tensor | None = None,
+    ) -> Tensor:
+        """Loss (a scalar) for queries q (b, d) and documents docs (b, 1 + n, d) or (b, d).
+
+        query_hashes (b,) and doc_hashes (b, 1 + n) are int64 text hashes, needed only with
+        mask_duplicates. The training-health figures of this call land in `self.last_stats`.
+        """
+        if docs.dim() == 2:
+            docs = docs.unsqueeze(1)
+        self._check_shapes(q, docs, query_hashes, doc_hashes)
+        # The loss is always computed in at least fp32, outside any autocast of the caller: in
+        # bf16 the scores of 32K columns would lose the differences the softmax is about.
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            batch = self._global_batch(q, docs, query_hashes, doc_hashes)
+            blocks = self._blocks(batch)
+            if self.tile_size is None:
+                block_lses, hardest = self._dense_block_lses(blocks, batch)
+            else:
+                block_lses, hardest = self._tiled_block_lses(blocks, batch)
+            stacked = torch.stack(block_lses, dim=1)
+            log_z = torch.logsumexp(stacked, dim=1) if self.partition == "joint" else stacked.mean(dim=1)
+            loss = (log_z - batch.pos_cos * self.scale).mean()
+        self.last_stats = _stats(batch.pos_cos.detach(), hardest)
+        return loss
+
+    def _check_shapes(self, q: Tensor, docs: Tensor, query_hashes: Tensor | None, doc_hashes: Tensor | None) -> None:
+        if q.dim() != 2 or docs.dim() != 3 or docs.shape[0] != q.shape[0] or docs.shape[2] != q.shape[1]:
+            raise ValueError(
+                f"expected q of shape (b, d) and docs of shape (b, 1 + n, d); got {tuple(q.shape)} and {tuple(docs.shape)}"
+            )
+        if not self.mask_duplicates:
+            return
+        if query_hashes is None or doc_hashes is None:
+            raise ValueError("mask_duplicates=True needs query_hashes (b,) and doc_hashes (b, 1 + n)")
+        if tuple(query_hashes.shape) != (q.shape[0],) or tuple(doc_hashes.shape) != tuple(docs.shape[:2]):
+            raise ValueError(
+                f"hash shapes {tuple(query_hashes.shape)} / {tuple(doc_hashes.shape)} do not match "
+                f"q {tuple(q.shape)} / docs {tuple(docs.shape)}"
+            )
+
+    def _global_batch(
+        self, q: Tensor, docs: Tensor, query_hashes: Tensor | None, doc_hashes: Tensor | None
+    ) -> _GlobalBatch:
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q = F.normalize(q.to(dtype), dim=-1)
+        docs = F.normalize(docs.to(dtype), dim=-1)
+        b = q.shape[0]
+        use_gather = self.gather and distributed.world_size() > 1
+        all_q = distributed.gather_with_grad(q) if use_gather else q
+        all_docs = distributed.gather_with_grad(docs) if use_gather else docs  # (N, C, d)
+        offset = distributed.rank() * b if use_gather else 0
+        hashes = {}
+        if self.mask_duplicates:
+            gather = distributed.gather_no_grad if use_gather else (lambda t: t)
+            all_qh = gather(query_hashes.to(q.device, torch.int64))
+            all_dh = gather(doc_hashes.to(q.device, torch.int64))  # (N, C)
+            hashes = dict(
+                query_hash=query_hashes.to(q.device, torch.int64),
+                pos_hash=doc_hashes[:, 0].to(q.device, torch.int64),
+                all_query_hash=all_qh,
+                all_pos_hash=all_dh[:, 0],
+                doc_col_hash=all_dh.t().reshape(-1),
+            )
+        return _GlobalBatch(
+            queries=q,
+            positives=docs[:, 0],
+            all_queries=all_q,
+            doc_columns=all_docs.transpose(0, 1).reshape(-1, q.shape[1]),
+            rows=torch.arange(offset, offset + b, device=q.device),
+            pos_cos=(q * docs[:, 0]).sum(-1),
+            **hashes,
+        )
+
+    def _blocks(self, batch: _GlobalBatch) -> list[_Block]:
+        anchors = {"query": batch.queries, "doc": batch.positives}
+        columns = {"query": batch.all_queries, "doc": batch.doc_columns}
+        blocks = []
+        for name in self.directions:
+            anchor_kind, column_kind = name.split("_to_")
+            blocks.append(
+                _Block(
+                    name=name,
+                    anchors=anchors[anchor_kind],
+                    columns=columns[column_kind],
+                    columns_are_docs=column_kind == "doc",
+                    has_target=name in ("query_to_doc", "doc_to_query"),
+                )
+            )
+        return blocks
+
+    def _mask_fn(self, block: _Block, batch: _GlobalBatch) -> MaskFn:
+        """The masks of a block, for any tile of its columns (the dense path asks for one tile)."""
+        n_rows = batch.num_rows
+        g = batch.rows[:, None]
+
+        def masks(cos: Tensor, start: int) -> tuple[Tensor, Tensor | None]:
+            cols = torch.arange(start, start + cos.shape[1], device=cos.device)[None, :]
+            masked = torch.zeros(cos.shape, dtype=torch.bool, device=cos.device)
+            if block.name == "query_to_query":
+                masked |= cols == g
+            elif block.name == "doc_to_doc":
+                masked |= cols % n_rows == g
+            target = (cols == g) if block.has_target else None
+            candidate = ~target if target is not None else None
+            false_negative = torch.zeros_like(masked)
+            if self.mask_duplicates:
+                cols_1d = cols[0]
+                if block.columns_are_docs:
+                    false_negative |= batch.doc_col_hash[cols_1d][None, :] == batch.pos_hash[:, None]
+                else:
+                    false_negative |= batch.all_query_hash[cols_1d][None, :] == batch.query_hash[:, None]
+                    false_negative |= batch.all_pos_hash[cols_1d][None, :] == batch.pos_hash[:, None]
+            if self.false_negative_margin is not None:
+                false_negative |= cos.detach() > batch.pos_cos.detach()[:, None] + self.false_negative_margin
+            if candidate is not None:
+                false_negative &= candidate
+            return masked | false_negative, target
+
+        return masks
+
+    def _dense_block_lses(self, blocks: list[_Block], batch: _GlobalBatch) -> tuple[list[Tensor], Tensor]:
+        lses, hardest = [], None
+        for block in blocks:
+            mask_fn = self._mask_fn(block, batch)
+            cos = block.anchors @ block.columns.T
+            masked, target = mask_fn(cos, 0)
+            lses.append(torch.logsumexp((cos * self.scale).masked_fill(masked, float("-inf")), dim=1))
+            if block.name == "query_to_doc":
+                hardest = _hardest_negative(cos.detach(), masked, target)
+        return lses, hardest
+
+    def _tiled_block_lses(self, blocks: list[_Block], batch: _GlobalBatch) -> tuple[list[Tensor], Tensor]:
+        lses, hardest = [], None
+        for block in blocks:
+            lse, block_hardest = _TiledLogSumExp.apply(
+                block.anchors, block.columns, self.scale, self.tile_size, self._mask_fn(block, batch)
+            )
+            lses.append(lse)
+            if block.name == "query_to_doc":
+                hardest = block_hardest
+        return lses, hardest
+
+
+def _hardest_negative(cos: Tensor, masked: Tensor, target: Tensor | None) -> Tensor:
+    """Per row, the highest cosine among unmasked non-target columns (-inf if there is none)."""
+    excluded = masked if target is None else masked | target
+    return cos.masked_fill(excluded, float("-inf")).amax(dim=1)
+
+
+def _stats(pos_cos: Tensor, hardest: Tensor) -> LossStats:
+    has_negative = torch.isfinite(hardest)
+    neg_sim = hardest[has_negative].mean() if bool(has_negative.any()) else hardest.new_tensor(float("nan"))
+    return LossStats(
+        accuracy=(pos_cos > hardest).float().mean(),
+        pos_sim=pos_cos.mean(),
+        neg_sim=neg_sim,
+    )
+
+
+class _TiledLogSumExp(torch.autograd.Function):
+    """Row-wise masked logsumexp of scale * anchors @ columns.T, streamed over column tiles.
+
+    Forward keeps a running logsumexp per row; backward recomputes each tile's scores (and masks)
+    and turns them into softmax weights with the saved logsumexp. Neither pass holds more than one
+    (b, tile) block of scores: memory is linear in the batch.
+    Also returns, without gradient, each row's hardest unmasked non-target cosine.
+    """
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, columns: Tensor, scale: float, tile: int, mask_fn: MaskFn):
+        b = anchors.shape[0]
+        lse = anchors.new_full((b,), float("-inf"))
+        hardest = anchors.new_full((b,), float("-inf"))
+        for start in range(0, columns.shape[0], tile):
+            cos = anchors @ columns[start : start + tile].T
+            masked, target = mask_fn(cos, start)
+            scores = (cos * scale).masked_fill(masked, float("-inf"))
+            lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
+            hardest = torch.maximum(hardest, _hardest_negative(cos, masked, target))
+        ctx.save_for_backward(anchors, columns, lse)
+        ctx.scale, ctx.tile, ctx.mask_fn = scale, tile, mask_fn
+        ctx.mark_non_differentiable(hardest)
+        return lse, hardest
+
+    @staticmethod
+    def backward(ctx, grad_lse: Tensor, _grad_hardest: Tensor):
+        anchors, columns, lse = ctx.saved_tensors
+        scale, tile = ctx.scale, ctx.tile
+        # A row whose every column is masked has lse = -inf and contributes nothing; keep it
+        # from turning into exp(-inf - -inf) = nan.
+        finite = torch.isfinite(lse)
+        safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
+        row_weight = torch.where(finite, grad_lse, torch.zeros_like(grad_lse))[:, None] * scale
+        grad_anchors = torch.zeros_like(anchors)
+        grad_columns = torch.empty_like(columns)
+        for start in range(0, columns.shape[0], tile):
+            tile_columns = columns[start : start + tile]
+            cos = anchors @ tile_columns.T
+            masked, _ = ctx.mask_fn(cos, start)
+            scores = (cos * scale).masked_fill(masked, float("-inf"))
+            weights = torch.exp(scores - safe_lse[:, None]) * row_weight  # d loss / d cos
+            grad_anchors += weights @ tile_columns
+            grad_columns[start : start + tile] = weights.T @ anchors
+        return grad_anchors, grad_columns, None, None, None
