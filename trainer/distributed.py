@@ -137,7 +137,10 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return tensor
-    return _all_gather_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    gathered = _all_gather_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    # Wait now: the loss uses the result at once, and a lazily waited collective that is never
+    # touched (e.g. a block that is not in the chosen directions) is reported at exit.
+    return funcol.wait_tensor(gathered)
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""Launcher environments, and the 2-process checks of the loss and GradCache (torchrun + gloo)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny import run_torchrun
+from trainer.distributed import first_host, read_env
+
+
+@pytest.mark.parametrize(
+    "nodelist,host",
+    [
+        ("gpu007", "gpu007"),
+        ("gpu[007-010,012]", "gpu007"),
+        ("gpu[3,5-6],cpu[1-2]", "gpu3"),
+        ("rack[1-2]-node[01-04]", "rack1-node01"),
+        ("a1,b2", "a1"),
+    ],
+)
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_torchrun_variables():
+    env = read_env({"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port) == (5, 1, 8, "n1", 1234)
+    assert env.launcher == "torchrun"
+
+
+def test_slurm_variables():
+    env = read_env(
+        {"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[12-13]",
+         "SLURM_JOB_ID": "123456"}
+    )
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr) == (6, 2, 8, "gpu12")
+    assert env.master_port == 20000 + 123456 % 20000
+    assert env.launcher == "slurm"
+
+
+def test_torchrun_wins_over_slurm_under_srun_torchrun():
+    env = read_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "RANK": "9", "WORLD_SIZE": "16"})
+    assert (env.rank, env.world_size, env.launcher) == (9, 16, "torchrun")
+
+
+def test_no_launcher_is_a_single_process():
+    env = read_env({})
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "none")
+
+
+def test_two_process_loss_equals_single_process_loss():
+    out = run_torchrun("loss_parity.py")
+    assert out.count("24 loss configurations match") == 2
+
+
+def test_two_process_gradcache_equals_single_process_step():
+    out = run_torchrun("gradcache_ddp.py")
+    assert out.count("gradcache DDP ok") == 2

@@ -1,0 +1,197 @@
+"""GradCache: one optimizer step over a batch far larger than the encoder's activations allow.
+
+  pass 1  embed every chunk without grad, recording each chunk's RNG state;
+  loss    run the loss once on all embeddings (gathered across ranks inside the loss), backward
+          to the embeddings only, and cache d loss / d embedding (fp32);
+  pass 2  re-embed each chunk with grad under the same RNG state (the same dropout masks) and the
+          same autocast, and backpropagate its slice of the cached gradient.
+
+The parameter gradients equal those of one backward through the whole batch. Under DDP every
+chunk but the last runs inside no_sync(), so gradients are all-reduced once per step, not once per
+chunk. Both passes run inside the caller's autocast (and an optional one of our own), unlike a
+backward hook that re-embeds outside it and silently falls back to fp32.
+
+Usable from any loop:
+
+    step = GradCache(encoder, ContrastiveLoss(), chunk_size=64)
+    out = step(query_batch, doc_batch)        # fills .grad; returns the loss and stats
+    optimizer.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.losses import ContrastiveLoss, LossStats
+
+Batch = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step returns: all detached, all from the passes the step ran anyway."""
+
+    loss: Tensor
+    """This rank's loss (the mean over its rows)."""
+    stats: LossStats | None
+    """Accuracy and similarity figures of the loss call."""
+    query_embeddings: Tensor
+    """(b, d) this rank's query embeddings, e.g. for an embedding-collapse watch."""
+    doc_embeddings: Tensor
+    """(b, 1 + n, d) this rank's document embeddings."""
+
+
+def split_batch(batch: Batch, chunk_size: int, trim_padding: bool = True) -> list[dict[str, Tensor]]:
+    """Split a tokenised batch into chunks of at most chunk_size rows (the last may be smaller).
+
+    With trim_padding, each chunk drops trailing columns that are padding in all of its rows: a
+    chunk of short texts then costs what short texts cost. Only trailing columns go, so the real
+    tokens keep their positions and the output is unchanged.
+    """
+    rows = _num_rows(batch)
+    chunks = []
+    for start in range(0, rows, chunk_size):
+        chunk = {key: value[start : start + chunk_size] for key, value in batch.items()}
+        if trim_padding and "attention_mask" in chunk:
+            length = _used_length(chunk["attention_mask"])
+            chunk = {k: v[:, :length] if v.dim() == 2 and v.shape[1] > length else v for k, v in chunk.items()}
+        chunks.append(chunk)
+    return chunks
+
+
+def _num_rows(batch: Batch) -> int:
+    sizes = {value.shape[0] for value in batch.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"tensors of one batch disagree on the number of rows: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _used_length(attention_mask: Tensor) -> int:
+    used_columns = attention_mask.bool().any(dim=0).nonzero()
+    return int(used_columns.max()) + 1 if used_columns.numel() else 1
+
+
+class _RngState:
+    """The CPU generator and, if CUDA is in use, the current device's generator."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda)
+
+
+class GradCache:
+    """One contrastive step, chunked or not, that leaves the full-batch gradients in .grad.
+
+    Args:
+        encoder: maps a tokenised batch (keyword tensors) to (rows, d) embeddings; may be DDP-wrapped.
+        loss_fn: the loss over (q, docs); it gathers across ranks itself.
+        chunk_size: rows per forward on this rank (queries and documents are chunked separately);
+            None or 0 runs one plain forward/backward over the whole batch.
+        autocast_dtype: if set, both passes run under torch.autocast of this dtype (on top of any
+            autocast the caller is already in).
+        trim_padding: drop each chunk's trailing all-padding columns (see split_batch).
+        no_sync: a context manager factory that suspends gradient reduction; defaults to
+            encoder.no_sync for DDP and to nothing otherwise.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        loss_fn: ContrastiveLoss,
+        chunk_size: int | None = None,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+        trim_padding: bool = True,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        if chunk_size is not None and chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0 or None = no chunking), got {chunk_size}")
+        self.encoder = encoder
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size or None
+        self.autocast_dtype = autocast_dtype
+        self.trim_padding = trim_padding
+        if no_sync is None:
+            no_sync = encoder.no_sync if isinstance(encoder, DistributedDataParallel) else contextlib.nullcontext
+        self.no_sync = no_sync
+
+    def __call__(
+        self,
+        queries: Batch,
+        docs: Batch,
+        query_hashes: Tensor | None = None,
+        doc_hashes: Tensor | None = None,
+    ) -> StepOutput:
+        """queries: b tokenised texts; docs: b * (1 + n) tokenised texts, grouped by query (row
+        i's positive, then its n hard negatives). Hashes as in ContrastiveLoss.forward."""
+        b = _num_rows(queries)
+        n_docs = _num_rows(docs)
+        if n_docs % b:
+            raise ValueError(f"{n_docs} documents for {b} queries: expected b * (1 + n) documents")
+        docs_per_query = n_docs // b
+        if self.chunk_size is None:
+            return self._plain_step(queries, docs, docs_per_query, query_hashes, doc_hashes)
+        return self._cached_step(queries, docs, docs_per_query, query_hashes, doc_hashes)
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def _plain_step(self, queries, docs, docs_per_query, query_hashes, doc_hashes) -> StepOutput:
+        device = queries["input_ids"].device
+        with self._autocast(device):
+            q = self.encoder(**queries)
+            d = self.encoder(**docs)
+        d = d.view(q.shape[0], docs_per_query, -1)
+        loss = self.loss_fn(q, d, query_hashes, doc_hashes)
+        loss.backward()
+        return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
+
+    def _cached_step(self, queries, docs, docs_per_query, query_hashes, doc_hashes) -> StepOutput:
+        device = queries["input_ids"].device
+        chunks = split_batch(queries, self.chunk_size, self.trim_padding)
+        n_query_chunks = len(chunks)
+        chunks += split_batch(docs, self.chunk_size, self.trim_padding)
+
+        # Pass 1: no graph, so memory is one chunk's activations. DDP's wrapper is bypassed: it
+        # has nothing to prepare for a forward without backward.
+        embed = self.encoder.module if isinstance(self.encoder, DistributedDataParallel) else self.encoder
+        rng_states, embeddings = [], []
+        with torch.no_grad(), self._autocast(device):
+            for chunk in chunks:
+                rng_states.append(_RngState())
+                embeddings.append(embed(**chunk))
+
+        # The loss, once, on everything; backward stops at the (leaf) embeddings.
+        q = torch.cat(embeddings[:n_query_chunks]).requires_grad_()
+        d = torch.cat(embeddings[n_query_chunks:]).view(q.shape[0], docs_per_query, -1).requires_grad_()
+        loss = self.loss_fn(q, d, query_hashes, doc_hashes)
+        loss.backward()
+        grads = list(q.grad.split([e.shape[0] for e in embeddings[:n_query_chunks]]))
+        grads += d.grad.view(-1, d.shape[-1]).split([e.shape[0] for e in embeddings[n_query_chunks:]])
+
+        # Pass 2: replay each chunk's RNG state, then put the generator back where pass 1 left it,
+        # so that the rest of training draws the same numbers as without caching.
+        after_pass_1 = _RngState()
+        for index, (chunk, rng, grad) in enumerate(zip(chunks, rng_states, grads)):
+            is_last = index == len(chunks) - 1
+            rng.restore()
+            with contextlib.nullcontext() if is_last else self.no_sync():
+                with self._autocast(device):
+                    emb = self.encoder(**chunk)
+                emb.backward(grad.to(emb.dtype))
+        after_pass_1.restore()
+        return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
+
