@@ -352,9 +352,10 @@ class _TiledLogSumExp(torch.autograd.Function):
         for start in range(0, columns.shape[0], tile):
             cos = anchors @ columns[start : start + tile].T
             masked, target = mask_fn(cos, start)
-            scores = (cos * scale).masked_fill(masked, float("-inf"))
-            lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
             hardest = torch.maximum(hardest, _hardest_negative(cos, masked, target))
+            # In place from here on: each (b, tile) temporary is what the memory bound is made of.
+            scores = cos.mul_(scale).masked_fill_(masked, float("-inf"))
+            lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
         ctx.save_for_backward(anchors, columns, lse)
         ctx.scale, ctx.tile, ctx.mask_fn = scale, tile, mask_fn
         ctx.mark_non_differentiable(hardest)
@@ -375,8 +376,8 @@ class _TiledLogSumExp(torch.autograd.Function):
             tile_columns = columns[start : start + tile]
             cos = anchors @ tile_columns.T
             masked, _ = ctx.mask_fn(cos, start)
-            scores = (cos * scale).masked_fill(masked, float("-inf"))
-            weights = torch.exp(scores - safe_lse[:, None]) * row_weight  # d loss / d cos
+            # softmax weight * upstream gradient * scale = d loss / d cos, computed in place.
+            weights = cos.mul_(scale).masked_fill_(masked, float("-inf")).sub_(safe_lse[:, None]).exp_().mul_(row_weight)
             grad_anchors += weights @ tile_columns
             grad_columns[start : start + tile] = weights.T @ anchors
         return grad_anchors, grad_columns, None, None, None
