@@ -52,3 +52,76 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300) ->
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{script} failed (exit {proc.returncode}):\n{output[-6000:]}"
     return output
+
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+def write_tiny_model(folder: Path, dropout: float = 0.0) -> Path:
+    """A saved random tiny BERT with a word-level tokenizer: a model folder like any other."""
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer.model_max_length = 64
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def synthetic_pairs(rows: int, seed: int = 0, negatives: int = 0) -> list[dict]:
+    """Queries of 3 words; each positive repeats its query's words among others, so there is
+    something to learn. Rows 5 and 6 share a positive text (a real in-batch duplicate)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(rows):
+        query = rng.sample(WORDS, 3)
+        row = {"query": " ".join(query), "positive": " ".join(query + rng.sample(WORDS, 5))}
+        for k in range(1, negatives + 1):
+            row[f"negative_{k}"] = " ".join(rng.sample(WORDS, 7))
+        out.append(row)
+    if rows > 6:
+        out[6]["positive"] = out[5]["positive"]
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_beir(folder: Path, rows: list[dict]) -> Path:
+    """A BEIR folder whose queries are the rows' queries and whose corpus is their positives."""
+    import json
+
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": r["positive"]} for i, r in enumerate(rows)])
+    write_jsonl(folder / "queries.jsonl", [{"_id": f"q{i}", "text": r["query"]} for i, r in enumerate(rows)])
+    lines = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{i}\t1" for i in range(len(rows))]
+    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def run_trainer(run_dir: Path, *overrides: str, nproc: int = 1, expect_ok: bool = True, timeout: int = 300):
+    """`python -m trainer` (or under torchrun) in a subprocess; returns the CompletedProcess."""
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "trainer", f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok:
+        assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc

@@ -156,6 +156,8 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` over ranks (a new tensor; for logging, not for gradients)."""
     if world_size() == 1:
         return tensor.detach().clone()
-    out = tensor.detach().clone()
+    # NCCL reduces only CUDA tensors, gloo only CPU ones: move there and back.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = tensor.detach().to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / world_size()
+    return (out / world_size()).to(tensor.device)

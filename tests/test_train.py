@@ -1,0 +1,159 @@
+"""The Hydra app end to end, on a tiny random BERT: outputs, GradCache on/off, world-size
+invariance, resume, bad input, and the saved model in sentence-transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.tiny import run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    rows = synthetic_pairs(48, seed=1)
+    return {
+        "model": write_tiny_model(root / "model"),
+        "train": write_jsonl(root / "train.jsonl", rows),
+        "dev": write_beir(root / "dev", synthetic_pairs(20, seed=2)),
+        "root": root,
+    }
+
+
+def common(assets, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={assets['model']}",
+        f"data.train=[{assets['train']}]",
+        f"eval.data={assets['dev']}",
+        "model.dropout=0.0",
+        "trainer.lr=1e-3",
+        "trainer.warmup_steps=1",
+        *extra,
+    ]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory):
+    """6 uninterrupted steps, global batch 16, GradCache off."""
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    run_trainer(run_dir, *common(assets, "data.batch_size=16", "trainer.max_steps=6", "trainer.health_every=3"))
+    return run_dir
+
+
+def test_cli_run_writes_every_output(full_run):
+    records = metrics(full_run)
+    assert [m["step"] for m in records] == list(range(1, 7))
+    for key in ("step", "epoch", "loss", "lr", "temperature", "pairs_per_s", "accuracy", "pos_sim", "neg_sim", "emb_std"):
+        assert all(key in m for m in records), key
+    assert {"alignment", "uniformity", "loss_infonce", "loss_symmetric", "loss_gte"} <= records[2].keys()
+    assert records[0]["lr"] == 0.0 and records[1]["lr"] == pytest.approx(1e-3)  # one warm-up step, then decay
+    evals = [json.loads(line) for line in (full_run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 6]
+    assert {"ndcg@10", "recall@10", "mrr@10"} <= evals[0].keys()
+    assert (full_run / "checkpoints" / "step-6" / "model.pt").exists()
+    assert not list((full_run / "checkpoints").glob("*.tmp"))
+    assert (full_run / "model" / "modules.json").exists()
+    assert (full_run / ".hydra" / "config.yaml").exists()
+    assert list((full_run / "wandb").glob("offline-run-*"))
+    assert losses(full_run)[-1] < losses(full_run)[0]  # it learns
+
+
+def test_gradcache_on_and_off_give_the_same_losses(assets, full_run, tmp_path):
+    run_dir = tmp_path / "cached"
+    run_trainer(run_dir, *common(assets, "data.batch_size=16", "trainer.max_steps=6", "grad_cache.chunk_size=3"))
+    torch.testing.assert_close(losses(run_dir)[:5], losses(full_run)[:5], atol=1e-5, rtol=0)
+
+
+def test_two_ranks_of_8_give_the_losses_of_one_rank_of_16(assets, full_run, tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = run_trainer(run_dir, *common(assets, "data.batch_size=16", "trainer.max_steps=6", "wandb.mode=disabled"), nproc=2)
+    torch.testing.assert_close(losses(run_dir)[:5], losses(full_run)[:5], atol=1e-5, rtol=0)
+    # One run dir for both ranks, Hydra's files written once.
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["ddp"]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert proc.stdout.count("NDCG@10 before") == 1  # rank 0 speaks, the other rank is quiet
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(assets, full_run, tmp_path):
+    run_dir = tmp_path / "resumed"
+    args = common(assets, "data.batch_size=16", "trainer.max_steps=6", "trainer.health_every=3")
+    first = run_trainer(run_dir, *args, "trainer.stop_after_step=3")
+    assert "stopped after step 3" in first.stdout
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
+    assert not (run_dir / "model").exists()
+    wandb_id = (run_dir / "wandb_id.txt").read_text()
+
+    second = run_trainer(run_dir, *args)
+    assert "resuming from" in second.stdout
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, 7))
+    torch.testing.assert_close(losses(run_dir), losses(full_run), atol=1e-6, rtol=0)
+    resumed = load_file(run_dir / "model" / "model.safetensors")
+    uninterrupted = load_file(full_run / "model" / "model.safetensors")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0)
+    assert (run_dir / "wandb_id.txt").read_text() == wandb_id  # the same W&B run continues
+
+    third = run_trainer(run_dir, *args)  # a finished run is left as it is
+    assert "already complete" in third.stdout
+
+
+def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(full_run):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from trainer.model import Encoder, load_tokenizer
+
+    texts = ["w1 w2 w3", "w7 w8 w9 w10 w11 w12"]
+    st_vectors = torch.tensor(SentenceTransformer(str(full_run / "model"), device="cpu").encode(texts))
+    encoder = Encoder.from_pretrained(str(full_run / "model")).eval()
+    tokenizer = load_tokenizer(str(full_run / "model"))
+    with torch.no_grad():
+        ours = torch.nn.functional.normalize(encoder(**tokenizer(texts, padding=True, return_tensors="pt")), dim=-1)
+    torch.testing.assert_close(st_vectors, ours, atol=1e-5, rtol=1e-5)
+    assert AutoModel.from_pretrained(str(full_run / "model")).config.hidden_size == 32
+
+
+def test_bad_input_is_one_clear_error_before_anything_is_written(assets, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "w1", "positive": "w2 w3"}\n{"query": "w4", "positive": ""}\n')
+    run_dir = tmp_path / "existing-run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    proc = run_trainer(run_dir, *common(assets, f"data.train=[{bad}]"), expect_ok=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}: line 2: field 'positive' is empty"]
+    assert "Traceback" not in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # nothing written over
+    assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("loss.temprature=0.1", "temprature"), ("trainer.lr=fast", "trainer.lr"), ("model.pooling=max", "model.pooling")],
+)
+def test_config_mistakes_fail_at_composition(assets, tmp_path, override, message):
+    proc = run_trainer(tmp_path / "run", *common(assets, override), expect_ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_global_batch_that_does_not_split_over_ranks_is_a_clear_error(assets, tmp_path):
+    proc = run_trainer(tmp_path / "run", *common(assets, "data.batch_size=15"), nproc=2, expect_ok=False)
+    assert proc.returncode != 0
+    assert "error: data.batch_size=15 is the global batch and must divide evenly over 2 ranks" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

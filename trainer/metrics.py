@@ -1,0 +1,108 @@
+"""What a run reports: training-health figures, and one logger that writes them to
+metrics.jsonl / eval.jsonl in the run dir and to Weights & Biases (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def embedding_std(embeddings: torch.Tensor) -> float:
+    """Mean over dimensions of the std across rows of the normalised embeddings. It falls toward 0
+    when the encoder collapses (every text mapped to nearly the same point)."""
+    return F.normalize(embeddings.float(), dim=-1).std(dim=0).mean().item()
+
+
+def alignment(queries: torch.Tensor, positives: torch.Tensor) -> float:
+    """Wang & Isola's alignment: mean squared distance of positive pairs (lower is better)."""
+    return (F.normalize(queries.float(), dim=-1) - F.normalize(positives.float(), dim=-1)).pow(2).sum(-1).mean().item()
+
+
+def uniformity(embeddings: torch.Tensor, t: float = 2.0) -> float:
+    """Wang & Isola's uniformity: log mean exp(-t * squared distance) over distinct pairs
+    (lower = spread more evenly over the sphere)."""
+    x = F.normalize(embeddings.float(), dim=-1)
+    return torch.pdist(x).pow(2).mul(-t).exp().mean().log().item()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the lines up to last_step: a resumed run rewrites what came after its checkpoint."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class RunLogger:
+    """metrics.jsonl, eval.jsonl and W&B; every method is a no-op on ranks other than 0."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        resume_step: int | None,
+        wandb_mode: str,
+        wandb_project: str,
+        wandb_group: str | None,
+        wandb_entity: str | None,
+        config: dict,
+    ) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.wandb = None
+        if not enabled:
+            return
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                _truncate_jsonl(self.run_dir / name, resume_step)
+        if wandb_mode != "disabled":
+            import wandb
+
+            # One W&B run per run dir: the id is kept beside the run, so a resumed run continues it.
+            id_file = self.run_dir / "wandb_id.txt"
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
+            os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+            self.wandb = wandb.init(
+                id=id_file.read_text().strip(),
+                resume="allow",
+                mode=wandb_mode,
+                project=wandb_project,
+                group=wandb_group,
+                entity=wandb_entity,
+                dir=str(self.run_dir),
+                config=config,
+            )
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def _append(self, name: str, record: dict) -> None:
+        with open(self.run_dir / name, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._append("metrics.jsonl", record)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_eval(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._append("eval.jsonl", record)
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

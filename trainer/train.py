@@ -1,0 +1,259 @@
+"""The training run: data -> global batches -> GradCache step -> AdamW -> metrics, evaluation,
+checkpoints -> the final sentence-transformers model.
+
+Everything that can fail on bad input (data files, eval set, batch size) is checked before the
+run writes anything. A run dir that already holds a complete checkpoint is resumed from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from trainer import checkpoint, distributed
+from trainer.data import Columns, GlobalBatches, StepBatches, load_pairs, tokenise
+from trainer.evaluate import evaluate, load_beir
+from trainer.gradcache import GradCache, StepOutput
+from trainer.losses import PRESETS, ContrastiveLoss
+from trainer.metrics import RunLogger, alignment, embedding_std, uniformity
+from trainer.model import Encoder, load_tokenizer, save_sentence_transformer
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+def _barrier() -> None:
+    if distributed.world_size() > 1:
+        dist.barrier()
+
+
+def _say(*args) -> None:
+    if distributed.is_main():
+        print(*args, flush=True)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _text_embedder(encoder, tokenizer, prefix: str, max_length: int, device, autocast_dtype):
+    def embed(texts: list[str]) -> torch.Tensor:
+        inputs = tokenizer([prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return encoder(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
+
+    return embed
+
+
+def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict | None:
+    """Run (or resume) the training described by cfg in run_dir. Returns the final eval metrics."""
+    env = distributed.init_distributed()
+    device = _device(cfg.trainer.device, env.local_rank)
+    autocast_dtype = AUTOCAST_DTYPES[cfg.trainer.precision.value]
+    run_dir = Path(run_dir)
+
+    # 1. Inputs, all checked before anything is written.
+    columns = Columns(
+        cfg.data.query_column, cfg.data.positive_column, cfg.data.negatives_column,
+        cfg.data.negative_prefix, cfg.data.num_negatives,
+    )
+    pairs = load_pairs([str(Path(p).expanduser()) for p in cfg.data.train], columns)
+    batches = GlobalBatches(len(pairs), cfg.data.batch_size, cfg.trainer.seed, env.world_size, env.rank)
+    eval_set = load_beir(cfg.eval.data) if cfg.eval.data else None
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenised = tokenise(
+        pairs, tokenizer, cfg.model.query_max_length, cfg.model.doc_max_length, cfg.model.query_prefix, cfg.model.doc_prefix
+    )
+    total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * batches.steps_per_epoch
+    _say(
+        f"{len(pairs)} training pairs with {pairs.num_negatives} hard negatives; global batch {cfg.data.batch_size} "
+        f"over {env.world_size} rank(s); {total_steps} steps; run dir {run_dir}"
+    )
+
+    # 2. Model, optimizer, schedule, loss, step.
+    torch.manual_seed(cfg.trainer.seed)
+    encoder = Encoder.from_pretrained(cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout)
+    encoder.to(device).train()
+    model = encoder
+    if env.world_size > 1:
+        model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(
+        encoder.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=device.type == "cuda"
+    )
+    schedule = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.trainer.schedule.value]
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.trainer.warmup_steps, num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler(device.type) if cfg.trainer.precision.value == "fp16" else None
+    loss_fn = ContrastiveLoss(
+        temperature=cfg.loss.temperature,
+        directions=[d.value for d in cfg.loss.directions],
+        partition=cfg.loss.partition.value,
+        mask_duplicates=cfg.loss.mask_duplicates,
+        false_negative_margin=cfg.loss.false_negative_margin,
+        tile_size=cfg.loss.tile_size,
+    )
+    step_fn = GradCache(model, loss_fn, cfg.grad_cache.chunk_size, autocast_dtype=autocast_dtype, grad_scaler=scaler)
+
+    # 3. Resume, or start fresh with a per-rank dropout seed.
+    latest = checkpoint.latest(run_dir)
+    if latest is not None:
+        state = checkpoint.load(latest, encoder, optimizer, scheduler, scaler)
+        _say(f"resuming from {latest} (step {state.step})")
+    else:
+        state = checkpoint.TrainerState(step=0)
+        torch.manual_seed(cfg.trainer.seed + env.rank)
+    if state.step >= total_steps and (run_dir / "model").exists():
+        _say(f"{run_dir} is already complete ({state.step} steps); nothing to do")
+        return None
+    logger = RunLogger(
+        run_dir,
+        enabled=env.is_main,
+        resume_step=state.step if latest is not None else -1,
+        wandb_mode=cfg.wandb.mode.value,
+        wandb_project=cfg.wandb.project,
+        wandb_group=cfg.wandb.group or wandb_group,
+        wandb_entity=cfg.wandb.entity,
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+    )
+
+    def run_eval(step: int) -> dict | None:
+        if eval_set is None:
+            return None
+        result = None
+        if env.is_main:  # the eval set is small: one rank embeds it while the others wait
+            encoder.eval()
+            result = evaluate(
+                _text_embedder(encoder, tokenizer, cfg.model.query_prefix, cfg.model.query_max_length, device, autocast_dtype),
+                _text_embedder(encoder, tokenizer, cfg.model.doc_prefix, cfg.model.doc_max_length, device, autocast_dtype),
+                eval_set,
+                cfg.eval.batch_size,
+            )
+            encoder.train()
+            logger.log_eval({"step": step, **result})
+            tqdm.write(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        _barrier()
+        return result
+
+    def save_checkpoint(step: int) -> None:
+        state.step, state.wandb_id = step, logger.wandb_id
+        checkpoint.save(run_dir, state, encoder, optimizer, scheduler, scaler, keep=cfg.checkpoint.keep)
+
+    # 4. The loop.
+    if state.step == 0:
+        run_eval(0)
+    loader = torch.utils.data.DataLoader(
+        StepBatches(tokenised, batches, tokenizer, state.step, total_steps),
+        batch_size=None,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    progress = tqdm(total=total_steps, initial=state.step, disable=not env.is_main, desc="train", dynamic_ncols=True)
+    last_time, last_step = time.perf_counter(), state.step
+    for step, batch in enumerate(loader, start=state.step + 1):
+        batch = _to(batch, device)
+        lr = scheduler.get_last_lr()[0]
+        out = step_fn(batch["queries"], batch["docs"], batch["query_hashes"], batch["doc_hashes"])
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.trainer.max_grad_norm or math.inf)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.update(1)
+
+        if step % cfg.trainer.log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - last_time
+            record = _metrics(cfg, out, loss_fn, step, batches, lr, grad_norm, (step - last_step) * cfg.data.batch_size / elapsed)
+            logger.log(record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.0f}")
+            last_time, last_step = time.perf_counter(), step
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
+            run_eval(step)
+        stopping = cfg.trainer.stop_after_step == step and step != total_steps
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == total_steps:
+            save_checkpoint(step)
+        if stopping:
+            progress.close()
+            _say(f"stopped after step {step} as asked (trainer.stop_after_step); run the same command to resume")
+            logger.finish()
+            return None
+    progress.close()
+
+    # 5. The model, the last evaluation, the summary.
+    if env.is_main:
+        tmp, final = run_dir / "model.tmp", run_dir / "model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_sentence_transformer(encoder, tokenizer, tmp, max_seq_length=cfg.model.doc_max_length)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    _barrier()
+    result = run_eval(total_steps)
+    if env.is_main and result is not None:
+        evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+        first = next((e for e in evals if e["step"] == 0), None)
+        before = f"{first['ndcg@10']:.4f}" if first else "n/a"
+        print(f"NDCG@10 before {before} -> after {result['ndcg@10']:.4f}; model saved to {run_dir / 'model'}", flush=True)
+    logger.finish()
+    return result
+
+
+def _metrics(cfg, out: StepOutput, loss_fn, step, batches, lr, grad_norm, pairs_per_s) -> dict:
+    """The step's figures, averaged over ranks (a collective: every rank calls it)."""
+    stats = out.stats
+    emb_std = embedding_std(torch.cat([out.query_embeddings, out.doc_embeddings[:, 0]]))
+    local = torch.tensor([float(x) for x in (out.loss, stats.accuracy, stats.pos_sim, stats.neg_sim, emb_std)])
+    loss, accuracy, pos_sim, neg_sim, emb_std = distributed.all_reduce_mean(local).tolist()
+    record = {
+        "step": step,
+        "epoch": (step - 1) // batches.steps_per_epoch,
+        "loss": loss,
+        "lr": lr,
+        "temperature": cfg.loss.temperature,
+        "pairs_per_s": pairs_per_s,
+        "accuracy": accuracy,
+        "pos_sim": pos_sim,
+        "neg_sim": neg_sim,
+        "emb_std": emb_std,
+        "grad_norm": float(grad_norm),
+    }
+    if cfg.trainer.health_every and step % cfg.trainer.health_every == 0:
+        # Every loss variant on the same embeddings: how the objectives move relative to each other.
+        with torch.no_grad():
+            for name in PRESETS:
+                variant = ContrastiveLoss.from_preset(name, temperature=loss_fn.temperature)
+                record[f"loss_{name}"] = distributed.all_reduce_mean(variant(out.query_embeddings, out.doc_embeddings)).item()
+        health = torch.tensor(
+            [
+                alignment(out.query_embeddings, out.doc_embeddings[:, 0]),
+                uniformity(torch.cat([out.query_embeddings, out.doc_embeddings[:, 0]])),
+            ]
+        )
+        record["alignment"], record["uniformity"] = distributed.all_reduce_mean(health).tolist()
+    return record
+
+
+def fail(message: str) -> None:
+    """One clear line on rank 0, exit status 2 on every rank."""
+    if distributed.is_main():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
