@@ -94,7 +94,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(assets, full_run, 
     assert "stopped after step 3" in first.stdout
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
     assert not (run_dir / "model").exists()
-    wandb_id = (run_dir / "wandb_id.txt").read_text()
+    wandb_id = json.loads((run_dir / "wandb.json").read_text())["id"]
 
     second = run_trainer(run_dir, *args)
     assert "resuming from" in second.stdout
@@ -104,10 +104,22 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(assets, full_run, 
     uninterrupted = load_file(full_run / "model" / "model.safetensors")
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0)
-    assert (run_dir / "wandb_id.txt").read_text() == wandb_id  # the same W&B run continues
+    assert json.loads((run_dir / "wandb.json").read_text())["id"] == wandb_id  # the same W&B run continues
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # two sessions of one run id
+    assert all(p.name.endswith(wandb_id) for p in (run_dir / "wandb").glob("offline-run-*"))
 
     third = run_trainer(run_dir, *args)  # a finished run is left as it is
     assert "already complete" in third.stdout
+
+
+def test_multirun_sweep_runs_every_point_in_one_wandb_group(assets, tmp_path):
+    sweep = tmp_path / "my-sweep"
+    run_trainer(sweep, *common(assets, "data.batch_size=16", "trainer.max_steps=2", "eval.data=null"),
+                "loss.temperature=0.05,0.1", multirun=True)
+    temperatures = sorted(metrics(sweep / str(n))[-1]["temperature"] for n in (0, 1))
+    assert temperatures == [0.05, 0.1]
+    for n in (0, 1):
+        assert json.loads((sweep / str(n) / "wandb.json").read_text())["group"] == "my-sweep"
 
 
 def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(full_run):

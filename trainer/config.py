@@ -73,7 +73,7 @@ class DataConfig:
     train: List[str] = field(default_factory=lambda: ["data/debian-sample/train.jsonl.gz"])
     """Training data: paths to .jsonl, .jsonl.gz, .parquet or .csv files, `datasets`
     save_to_disk folders, or hub dataset names. Relative paths are relative to where you ran."""
-    batch_size: int = 64
+    batch_size: int = 32
     """The GLOBAL batch size (pairs per optimizer step, all ranks together); must divide by the
     number of ranks."""
     query_column: str = "query"

@@ -65,13 +65,12 @@ class RunLogger:
         if wandb_mode != "disabled":
             import wandb
 
-            # One W&B run per run dir: the id is kept beside the run, so a resumed run continues it.
-            id_file = self.run_dir / "wandb_id.txt"
-            if not id_file.exists():
-                id_file.write_text(uuid.uuid4().hex[:12])
+            # One W&B run per run dir: its id is kept beside the run, so a resumed run continues it.
+            info_file = self.run_dir / "wandb.json"
+            run_id = json.loads(info_file.read_text())["id"] if info_file.exists() else uuid.uuid4().hex[:12]
             os.environ.setdefault("WANDB_DIR", str(self.run_dir))
             self.wandb = wandb.init(
-                id=id_file.read_text().strip(),
+                id=run_id,
                 resume="allow",
                 mode=wandb_mode,
                 project=wandb_project,
@@ -80,6 +79,9 @@ class RunLogger:
                 dir=str(self.run_dir),
                 config=config,
             )
+            # What W&B says it is running, for the user (and the tests) to find the run by.
+            info = {"id": self.wandb.id, "group": self.wandb.group, "project": self.wandb.project, "mode": wandb_mode}
+            info_file.write_text(json.dumps(info) + "\n")
 
     @property
     def wandb_id(self) -> str | None:

@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import torch
 import torch.distributed as dist
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -64,6 +66,9 @@ def _text_embedder(encoder, tokenizer, prefix: str, max_length: int, device, aut
 def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict | None:
     """Run (or resume) the training described by cfg in run_dir. Returns the final eval metrics."""
     env = distributed.init_distributed()
+    if not env.is_main:  # one progress display per job: rank 0's
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     device = _device(cfg.trainer.device, env.local_rank)
     autocast_dtype = AUTOCAST_DTYPES[cfg.trainer.precision.value]
     run_dir = Path(run_dir)
