@@ -8,6 +8,7 @@ the data is just (epoch, batch index): resuming needs nothing else.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -88,7 +89,7 @@ def _validated_rows(source: str, columns: Columns) -> list[tuple[str, list[str]]
         records = ((f"row {i}", row) for i, row in enumerate(datasets.load_from_disk(str(path))))
     elif suffix in (".jsonl", ".jsonl.gz", ".json"):
         _exists(path)
-        records = _jsonl_records(path)
+        records = jsonl_records(path)
     elif suffix in (".parquet", ".csv"):
         _exists(path)
         table = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
@@ -107,7 +108,8 @@ def _exists(path: Path) -> None:
         raise DataError(f"{path}: no such file")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """('line N', object) for each non-blank line of a .jsonl or .jsonl.gz file; DataError on a bad line."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -230,9 +232,15 @@ class GlobalBatches:
     def rows(self, step: int) -> list[int]:
         """This rank's row indices for global step `step` (0-based, counting across epochs)."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = _epoch_order(self.num_rows, self.seed + epoch)
         start = index * self.batch_size + self.rank * self.local_batch_size
         return order[start : start + self.local_batch_size].tolist()
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_rows: int, seed: int) -> torch.Tensor:
+    """One epoch's row order; cached, since every step of the epoch slices the same one."""
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
 
 
 def collate(tokenised: TokenisedPairs, rows: list[int], tokenizer: PreTrainedTokenizerBase) -> dict:

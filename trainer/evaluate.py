@@ -4,7 +4,6 @@ NDCG@10, recall@10 and MRR@10 over the queries that have relevance judgements.""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.data import DataError
+from trainer.data import DataError, jsonl_records
 
 
 @dataclass
@@ -53,18 +52,11 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirSet:
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            for field in required:
-                if not isinstance(row.get(field), str):
-                    raise DataError(f"{path}: line {number}: field '{field}' is missing or not a string")
-            rows.append(row)
+    for where, row in jsonl_records(path):
+        for field in required:
+            if not isinstance(row.get(field), str):
+                raise DataError(f"{path}: {where}: field '{field}' is missing or not a string")
+        rows.append(row)
     return rows
 
 
