@@ -4,6 +4,7 @@ invariance, resume, bad input, and the saved model in sentence-transformers."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,14 @@ def test_two_ranks_of_8_give_the_losses_of_one_rank_of_16(assets, full_run, tmp_
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["ddp"]
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert proc.stdout.count("NDCG@10 before") == 1  # rank 0 speaks, the other rank is quiet
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(assets, tmp_path, precision):
+    run_dir = tmp_path / precision
+    run_trainer(run_dir, *common(assets, "data.batch_size=16", "trainer.max_steps=2", "grad_cache.chunk_size=5",
+                                 f"trainer.precision={precision}", "wandb.mode=disabled", "eval.data=null"))
+    assert all(math.isfinite(loss) for loss in losses(run_dir)) and len(losses(run_dir)) == 2
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_run(assets, full_run, tmp_path):
