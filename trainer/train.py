@@ -30,6 +30,7 @@ from trainer.gradcache import GradCache, StepOutput
 from trainer.losses import PRESETS, ContrastiveLoss
 from trainer.metrics import RunLogger, alignment, embedding_std, uniformity
 from trainer.model import Encoder, load_tokenizer, save_sentence_transformer
+from trainer.preemption import StopRequest
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -167,6 +168,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
     )
+    # From here on SIGTERM / SIGUSR1 mean "checkpoint at the next agreed step and exit".
+    stop_request = StopRequest()
     progress = tqdm(total=total_steps, initial=state.step, disable=not env.is_main, desc="train", dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), state.step
     for step, batch in enumerate(loader, start=state.step + 1):
@@ -193,15 +196,19 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
             last_time, last_step = time.perf_counter(), step
         if cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
             run_eval(step)
-        stopping = cfg.trainer.stop_after_step == step and step != total_steps
+        signalled = stop_request.agreed()  # every rank sees the same answer at the same step
+        stopping = step != total_steps and (signalled or cfg.trainer.stop_after_step == step)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == total_steps:
             save_checkpoint(step)
         if stopping:
             progress.close()
-            _say(f"stopped after step {step} as asked (trainer.stop_after_step); run the same command to resume")
+            reason = "on a stop signal" if signalled else "as asked (trainer.stop_after_step)"
+            _say(f"stopped after step {step} {reason}, checkpoint written; run the same command to resume")
+            stop_request.restore()
             logger.finish()
             return None
     progress.close()
+    stop_request.restore()
 
     # 5. The model, the last evaluation, the summary.
     if env.is_main:

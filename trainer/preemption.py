@@ -1,0 +1,43 @@
+"""Stop at one agreed step when the scheduler says the job is about to end.
+
+Slurm warns a job before its time limit or a preemption (`--signal=B:USR1@120` reaches the batch
+script, which passes SIGTERM on to the tasks); torchrun forwards SIGTERM to its workers. A
+signal arrives at each rank at a different moment, in the middle of some step, so a rank only
+remembers it; after every optimizer step the ranks all-reduce the flag (MAX), and all of them
+see the stop at the same step, write one complete checkpoint there and exit.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from trainer import distributed
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Installs handlers for STOP_SIGNALS that only record the signal; restore() puts the old ones back."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.received: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank has received a signal (a collective)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        if distributed.world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
