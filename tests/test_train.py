@@ -3,8 +3,11 @@ invariance, resume, bad input, and the saved model in sentence-transformers."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,14 +124,29 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(assets, full_run, 
     assert "already complete" in third.stdout
 
 
-def test_multirun_sweep_runs_every_point_in_one_wandb_group(assets, tmp_path):
+def test_multirun_sweep_shares_a_wandb_group_and_summarises(assets, tmp_path):
     sweep = tmp_path / "my-sweep"
-    run_trainer(sweep, *common(assets, "data.batch_size=16", "trainer.max_steps=2", "eval.data=null"),
-                "loss.temperature=0.05,0.1", multirun=True)
-    temperatures = sorted(metrics(sweep / str(n))[-1]["temperature"] for n in (0, 1))
-    assert temperatures == [0.05, 0.1]
-    for n in (0, 1):
+    run_trainer(sweep, *common(assets, "trainer.max_steps=2", "wandb.mode=offline"),
+                "loss.temperature=0.05,0.1", "data.batch_size=8,16", multirun=True)
+    points = sorted((metrics(sweep / str(n))[-1]["temperature"], n) for n in range(4))
+    assert [t for t, _ in points] == [0.05, 0.05, 0.1, 0.1]
+    for n in range(4):
         assert json.loads((sweep / str(n) / "wandb.json").read_text())["group"] == "my-sweep"
+
+    proc = subprocess.run([sys.executable, "-m", "trainer.summary", str(sweep)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with open(sweep / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["loss.temperature"], r["data.batch_size"]) for r in rows) == [
+        ("0.05", "16"), ("0.05", "8"), ("0.1", "16"), ("0.1", "8")
+    ]
+    for row in rows:  # each row carries that run's final eval
+        final = json.loads((sweep / row["run"] / "eval.jsonl").read_text().splitlines()[-1])
+        assert float(row["ndcg@10"]) == pytest.approx(final["ndcg@10"])
+        assert float(row["final_loss"]) == pytest.approx(metrics(sweep / row["run"])[-1]["loss"])
+    assert len({row["final_loss"] for row in rows}) > 1  # the points differ, so a mix-up would show
+    assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "loss.temperature" in proc.stdout and "ndcg@10" in proc.stdout
 
 
 def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(full_run):
