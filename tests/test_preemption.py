@@ -55,3 +55,22 @@ def test_sigterm_to_torchrun_checkpoints_at_an_agreed_step_and_resumes(assets, t
     resumed, uninterrupted = load_file(run_dir / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-6, rtol=0)
+
+
+def test_stop_request_records_and_hands_the_signal_over(monkeypatch):
+    import os
+
+    from trainer.preemption import StopRequest
+
+    seen = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        request = StopRequest()
+        assert not request.agreed()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert request.agreed() and request.received == signal.SIGUSR2
+        assert seen == []  # recorded only: nothing happens before the checkpoint
+        request.hand_over()
+        assert seen == [signal.SIGUSR2]  # then the earlier handler (submitit's requeue) runs
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -7,10 +7,12 @@ CI installs Slurm (.ci/run); on a machine without it these tests are skipped, ex
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,3 +116,51 @@ def test_warned_job_checkpoints_requeues_and_resumes_like_an_uninterrupted_job(u
     resumed, plain = load_file(run_dir / "model" / "model.safetensors"), load_file(reference / "model" / "model.safetensors")
     for name in plain:
         torch.testing.assert_close(resumed[name], plain[name], atol=1e-6, rtol=0)
+
+
+def launch_sweep(workdir: Path, sweep_dir: Path, args: list[str], *sweep: str) -> subprocess.Popen:
+    """`python -m trainer -m hydra/launcher=slurm ...`: one Slurm job of 2 tasks (ranks) per point."""
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "trainer", "-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2",
+           "hydra.launcher.cpus_per_task=1", "hydra.launcher.max_num_timeout=3", f"hydra.sweep.dir={sweep_dir}",
+           *args, *sweep]
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_submitit_sweep_runs_each_point_as_a_two_rank_job_and_summarises(slurm, assets, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = common(assets, "trainer.max_steps=2")  # with evaluation: the summary tabulates it
+    proc = launch_sweep(tmp_path, sweep, args, "loss.temperature=0.05,0.1", "data.batch_size=8,16")
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-4000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out"))
+    assert logs.count("over 2 rank(s)") == 4  # four Slurm jobs, each of two ranks (one speaking)
+    for n in range(4):
+        assert [m["step"] for m in metrics(sweep / str(n))] == [1, 2]
+        assert json.loads((sweep / str(n) / "wandb.json").read_text())["group"] == "sweep"
+    summary = subprocess.run([sys.executable, "-m", "trainer.summary", str(sweep)], capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "ndcg@10" in rows[0] and all(",," not in row for row in rows[1:])
+    assert (sweep / "summary.png").exists()
+
+
+def test_submitit_job_warned_mid_run_requeues_and_resumes(uninterrupted, assets, tmp_path):
+    reference, _ = uninterrupted
+    sweep = tmp_path / "sweep"
+    proc = launch_sweep(tmp_path, sweep, args_for(assets, STEPS), "loss.temperature=0.05")
+    run_dir = sweep / "0"
+    deadline = time.time() + 180
+    while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 3):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    (job,) = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    # What submitit's --signal=USR2@<signal_delay_s> does: USR2 to every task of the job.
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert wait_until_done(job) == "COMPLETED"
+    assert proc.wait(timeout=120) == 0
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_0_log.out")).replace("\r", "\n")
+    stopped = re.findall(r"stopped after step (\d+) on a stop signal", logs)
+    assert len(stopped) == 1 and f"checkpoints/step-{stopped[0]} (step {stopped[0]})" in logs, logs[-3000:]
+    assert job_field(job, "Restarts") == "1"  # submitit requeued it
+    torch.testing.assert_close(losses(run_dir), losses(reference), atol=1e-6, rtol=0)

@@ -196,3 +196,17 @@ def test_global_batch_that_does_not_split_over_ranks_is_a_clear_error(assets, tm
     assert proc.returncode != 0
     assert "error: data.batch_size=15 is the global batch and must divide evenly over 2 ranks" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_summary_of_runs_without_evaluation_plots_the_final_loss(tmp_path):
+    for n, (temperature, loss) in enumerate([(0.05, 2.0), (0.1, 1.5)]):
+        run = tmp_path / str(n)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- loss.temperature={temperature}\n")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": loss}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "trainer.summary", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "the heatmap shows final_loss" in proc.stdout
+    with open(tmp_path / "summary.csv", newline="") as handle:
+        assert [float(r["final_loss"]) for r in csv.DictReader(handle)] == [2.0, 1.5]
+    assert (tmp_path / "summary.png").exists()

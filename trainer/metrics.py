@@ -3,8 +3,10 @@ metrics.jsonl / eval.jsonl in the run dir and to Weights & Biases (rank 0 only).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -28,6 +30,16 @@ def uniformity(embeddings: torch.Tensor, t: float = 2.0) -> float:
     (lower = spread more evenly over the sphere)."""
     x = F.normalize(embeddings.float(), dim=-1)
     return torch.pdist(x).pow(2).mul(-t).exp().mean().log().item()
+
+
+@contextlib.contextmanager
+def _ignoring(*signals: signal.Signals):
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
@@ -69,16 +81,20 @@ class RunLogger:
             info_file = self.run_dir / "wandb.json"
             run_id = json.loads(info_file.read_text())["id"] if info_file.exists() else uuid.uuid4().hex[:12]
             os.environ.setdefault("WANDB_DIR", str(self.run_dir))
-            self.wandb = wandb.init(
-                id=run_id,
-                resume="allow",
-                mode=wandb_mode,
-                project=wandb_project,
-                group=wandb_group,
-                entity=wandb_entity,
-                dir=str(self.run_dir),
-                config=config,
-            )
+            # Slurm sends its stop warning to every process of the job step; W&B's service process,
+            # started here, must outlive it until rank 0 has checkpointed and finished the run.
+            # An ignored signal stays ignored across exec, so the service never sees the warning.
+            with _ignoring(signal.SIGUSR1, signal.SIGUSR2):
+                self.wandb = wandb.init(
+                    id=run_id,
+                    resume="allow",
+                    mode=wandb_mode,
+                    project=wandb_project,
+                    group=wandb_group,
+                    entity=wandb_entity,
+                    dir=str(self.run_dir),
+                    config=config,
+                )
             # What W&B says it is running, for the user (and the tests) to find the run by.
             info = {"id": self.wandb.id, "group": self.wandb.group, "project": self.wandb.project, "mode": wandb_mode}
             info_file.write_text(json.dumps(info) + "\n")

@@ -5,6 +5,10 @@ script, which passes SIGTERM on to the tasks); torchrun forwards SIGTERM to its 
 signal arrives at each rank at a different moment, in the middle of some step, so a rank only
 remembers it; after every optimizer step the ranks all-reduce the flag (MAX), and all of them
 see the stop at the same step, write one complete checkpoint there and exit.
+
+Under Hydra's submitit launcher the warning is USR2, and submitit's own handler is what requeues
+the job (and exits). It is not lost: after the checkpoint, hand_over() passes the signal to the
+handler that was installed before ours.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.distributed as dist
 
 from trainer import distributed
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
@@ -37,6 +41,14 @@ class StopRequest:
                 flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def hand_over(self) -> None:
+        """After the checkpoint: give the received signal to the handler that was there before
+        ours (submitit's requeue, say). Default and ignored dispositions are left alone."""
+        previous = self._previous.get(self.received) if self.received is not None else None
+        self.restore()
+        if callable(previous):
+            previous(self.received, None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in points:
         print("  ".join(f"{p.get(c):>12.4f}" if isinstance(p.get(c), float) else f"{str(p.get(c)):>12}" for c in columns))
     write_csv(args.sweep_dir / "summary.csv", swept, points)
-    write_heatmap(args.sweep_dir / "summary.png", swept, points, args.metric)
+    metric = args.metric
+    if all(p.get(metric) is None for p in points):
+        print(f"no run has {metric} (were they evaluated? eval.data); the heatmap shows final_loss")
+        metric = "final_loss"
+    write_heatmap(args.sweep_dir / "summary.png", swept, points, metric)
     print(f"wrote {args.sweep_dir / 'summary.csv'} and {args.sweep_dir / 'summary.png'}")
     return 0
 

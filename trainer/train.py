@@ -204,8 +204,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
             progress.close()
             reason = "on a stop signal" if signalled else "as asked (trainer.stop_after_step)"
             _say(f"stopped after step {step} {reason}, checkpoint written; run the same command to resume")
-            stop_request.restore()
             logger.finish()
+            stop_request.hand_over()  # e.g. submitit requeues the job here
             return None
     progress.close()
     stop_request.restore()
