@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trainer import distributed
 
@@ -44,10 +43,6 @@ def latest(run_dir: Path) -> Path | None:
     steps = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
     return max(steps)[1] if steps else None
 
-
-def _barrier() -> None:
-    if distributed.world_size() > 1:
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -81,9 +76,9 @@ def save(
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an attempt that crashed
         tmp.mkdir(parents=True)
-    _barrier()
+    distributed.barrier()
     torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
-    _barrier()
+    distributed.barrier()
     if distributed.is_main():
         torch.save(model.state_dict(), tmp / "model.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -95,7 +90,7 @@ def save(
             shutil.rmtree(final)
         tmp.rename(final)
         _prune(root, keep)
-    _barrier()
+    distributed.barrier()
     return final
 
 

@@ -152,12 +152,23 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of `tensor` over ranks (a new tensor; for logging, not for gradients)."""
+def barrier() -> None:
+    """Wait for every rank (a no-op for a single process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """A reduced copy of `tensor` over ranks, on tensor's device (no autograd; for figures and flags)."""
     if world_size() == 1:
         return tensor.detach().clone()
     # NCCL reduces only CUDA tensors, gloo only CPU ones: move there and back.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     out = tensor.detach().to(device, copy=True)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return (out / world_size()).to(tensor.device)
+    dist.all_reduce(out, op=op)
+    return out.to(tensor.device)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over ranks (a new tensor; for logging, not for gradients)."""
+    return all_reduce(tensor) / world_size()

@@ -36,11 +36,7 @@ class StopRequest:
     def agreed(self) -> bool:
         """True on every rank as soon as any rank has received a signal (a collective)."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if distributed.world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(distributed.all_reduce(flag, dist.ReduceOp.MAX).item())
 
     def hand_over(self) -> None:
         """After the checkpoint: give the received signal to the handler that was there before

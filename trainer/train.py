@@ -16,7 +16,6 @@ from pathlib import Path
 
 import datasets
 import torch
-import torch.distributed as dist
 import transformers
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -40,10 +39,6 @@ def _device(name: str, local_rank: int) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
 
-
-def _barrier() -> None:
-    if distributed.world_size() > 1:
-        dist.barrier()
 
 
 def _say(*args) -> None:
@@ -152,7 +147,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
             encoder.train()
             logger.log_eval({"step": step, **result})
             tqdm.write(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        _barrier()
+        distributed.barrier()
         return result
 
     def save_checkpoint(step: int) -> None:
@@ -218,7 +213,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    _barrier()
+    distributed.barrier()
     result = run_eval(total_steps)
     if env.is_main and result is not None:
         evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
