@@ -2,8 +2,10 @@
 
 A checkpoint is written to checkpoints/step-N.tmp and renamed to step-N only once every rank has
 written its part, so a crash at any moment leaves the previous complete checkpoint as the latest.
-Rank 0 writes the replicated state (model, optimizer, scheduler, scaler, trainer state); every
-rank writes its own RNG states, since each rank draws its own dropout masks.
+The training backend writes model, optimizer, scheduler (and scaler) state: under DDP rank 0
+writes the replicated state, under DeepSpeed every rank its shards (backends.py). Rank 0 writes
+the trainer state; every rank writes its own RNG states, since each rank draws its own dropout
+masks.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,16 +63,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(
-    run_dir: Path,
-    state: TrainerState,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler: torch.amp.GradScaler | None,
-    keep: int,
-) -> Path:
-    """Write checkpoints/step-<state.step> atomically (collective: every rank must call it)."""
+def save(run_dir: Path, state: TrainerState, save_state: Callable[[Path], None], keep: int) -> Path:
+    """Write checkpoints/step-<state.step> atomically (collective: every rank must call it).
+    save_state(folder) writes the backend's part; every rank calls it."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{state.step}"
     tmp = root / f"step-{state.step}.tmp"
@@ -78,13 +74,9 @@ def save(
         tmp.mkdir(parents=True)
     distributed.barrier()
     torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
-    distributed.barrier()
+    save_state(tmp)
+    distributed.barrier()  # every rank's files are written
     if distributed.is_main():
-        torch.save(model.state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__))
         if final.exists():  # the same step written again (e.g. a resumed run that stopped at once)
             shutil.rmtree(final)
@@ -100,19 +92,10 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(path)
 
 
-def load(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    scaler: torch.amp.GradScaler | None,
-) -> TrainerState:
-    """Restore everything written by save() into the given objects; returns the trainer state."""
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+def load(path: Path, load_state: Callable[[Path], None]) -> TrainerState:
+    """Restore everything written by save(): load_state(path) the backend's part (every rank
+    calls it), then this rank's RNG; returns the trainer state."""
+    load_state(path)
     rng_file = path / f"rng-rank{distributed.rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))

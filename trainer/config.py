@@ -43,6 +43,11 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Backend(str, Enum):
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -136,6 +141,9 @@ class TrainerConfig:
     """fp32, or autocast in bf16 / fp16 (fp16 with a gradient scaler). The loss is always fp32."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu or cuda."""
+    backend: Optional[Backend] = None
+    """ddp (PyTorch DistributedDataParallel) or deepspeed (ZeRO, see the deepspeed keys); None =
+    ddp, unless `accelerate launch --use_deepspeed` asked for DeepSpeed."""
     log_every: int = 1
     """Write a metrics line (and W&B point) every this many steps."""
     health_every: int = 50
@@ -164,6 +172,23 @@ class CheckpointConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Used when trainer.backend=deepspeed. A key left at None takes its value from the JSON file
+    (deepspeed.config) or from `accelerate launch`'s DeepSpeed flags, else the default named here;
+    a key set here that disagrees with either is an error, never silently overridden."""
+
+    zero_stage: Optional[int] = None
+    """ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters (default 2)."""
+    offload_optimizer: Optional[bool] = None
+    """Keep optimizer state in CPU memory and step it there with DeepSpeed's CPU Adam (default
+    false)."""
+    config: Optional[str] = None
+    """A DeepSpeed JSON config whose other settings (buckets, overlap, stage-3 thresholds...)
+    are used as they are. Batch size, accumulation, clipping, optimizer, scheduler and precision
+    come from this config's trainer/data keys; the file may leave them out or say "auto"."""
+
+
+@dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.offline
     """online, offline (synced later with `wandb sync`) or disabled."""
@@ -184,6 +209,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

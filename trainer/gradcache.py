@@ -7,8 +7,9 @@
           same autocast, and backpropagate its slice of the cached gradient.
 
 The parameter gradients equal those of one backward through the whole batch. Under DDP every
-chunk but the last runs inside no_sync(), so gradients are all-reduced once per step, not once per
-chunk. Both passes run inside the caller's autocast (and an optional one of our own), unlike a
+chunk but the last runs inside no_sync(); under a DeepSpeed ZeRO engine the whole of pass 2 runs
+inside engine.coalesce_grad_reduction() with engine.backward() per chunk. Either way gradients are
+reduced once per step, not once per chunk. Both passes run inside the caller's autocast (and an optional one of our own), unlike a
 backward hook that re-embeds outside it and silently falls back to fp32.
 
 Usable from any loop:
@@ -90,11 +91,17 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda)
 
 
+def _is_deepspeed_engine(module: nn.Module) -> bool:
+    # Duck-typed so that DeepSpeed stays an optional dependency of this module.
+    return hasattr(module, "coalesce_grad_reduction") and hasattr(module, "backward")
+
+
 class GradCache:
     """One contrastive step, chunked or not, that leaves the full-batch gradients in .grad.
 
     Args:
-        encoder: maps a tokenised batch (keyword tensors) to (rows, d) embeddings; may be DDP-wrapped.
+        encoder: maps a tokenised batch (keyword tensors) to (rows, d) embeddings; may be wrapped
+            by DDP or be a DeepSpeed engine (ZeRO 1-3; the caller then steps the engine).
         loss_fn: the loss over (q, docs); it gathers across ranks itself.
         chunk_size: rows per forward on this rank (queries and documents are chunked separately);
             None or 0 runs one plain forward/backward over the whole batch.
@@ -129,6 +136,9 @@ class GradCache:
             no_sync = encoder.no_sync if isinstance(encoder, DistributedDataParallel) else contextlib.nullcontext
         self.no_sync = no_sync
         self.grad_scaler = grad_scaler
+        self.engine = encoder if _is_deepspeed_engine(encoder) else None
+        if self.engine is not None and grad_scaler is not None:
+            raise ValueError("a DeepSpeed engine scales its own losses: pass no grad_scaler")
 
     def __call__(
         self,
@@ -163,8 +173,23 @@ class GradCache:
             d = self.encoder(**docs)
         d = d.view(q.shape[0], docs_per_query, -1)
         loss = self.loss_fn(q, d, query_hashes, doc_hashes)
-        self._scaled(loss).backward()
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            self._scaled(loss).backward()
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
+
+    def _engine_pass_2(self, chunks, rng_states, grads, device) -> None:
+        """Pass 2 through a DeepSpeed engine. engine.backward() takes a scalar, so each chunk
+        backpropagates <emb, cached grad>, whose gradient with respect to emb is the cached grad;
+        the engine's loss scaling and hooks apply as for any loss. Reduction waits for the block's
+        end: one per step."""
+        with self.engine.coalesce_grad_reduction():
+            for chunk, rng, grad in zip(chunks, rng_states, grads):
+                rng.restore()
+                with self._autocast(device):
+                    emb = self.engine(**chunk)
+                self.engine.backward((emb * grad.to(emb.dtype)).sum())
 
     def _cached_step(self, queries, docs, docs_per_query, query_hashes, doc_hashes) -> StepOutput:
         device = queries["input_ids"].device
@@ -174,7 +199,8 @@ class GradCache:
 
         # Pass 1: no graph, so memory is one chunk's activations. DDP's wrapper is bypassed: it
         # has nothing to prepare for a forward without backward.
-        embed = self.encoder.module if isinstance(self.encoder, DistributedDataParallel) else self.encoder
+        wrapped = isinstance(self.encoder, DistributedDataParallel) or self.engine is not None
+        embed = self.encoder.module if wrapped else self.encoder
         rng_states, embeddings = [], []
         with torch.no_grad(), self._autocast(device):
             for chunk in chunks:
@@ -192,13 +218,16 @@ class GradCache:
         # Pass 2: replay each chunk's RNG state, then put the generator back where pass 1 left it,
         # so that the rest of training draws the same numbers as without caching.
         after_pass_1 = _RngState()
-        for index, (chunk, rng, grad) in enumerate(zip(chunks, rng_states, grads)):
-            is_last = index == len(chunks) - 1
-            rng.restore()
-            with contextlib.nullcontext() if is_last else self.no_sync():
-                with self._autocast(device):
-                    emb = self.encoder(**chunk)
-                emb.backward(self._scaled(grad).to(emb.dtype))
+        if self.engine is not None:
+            self._engine_pass_2(chunks, rng_states, grads, device)
+        else:
+            for index, (chunk, rng, grad) in enumerate(zip(chunks, rng_states, grads)):
+                is_last = index == len(chunks) - 1
+                rng.restore()
+                with contextlib.nullcontext() if is_last else self.no_sync():
+                    with self._autocast(device):
+                        emb = self.encoder(**chunk)
+                    emb.backward(self._scaled(grad).to(emb.dtype))
         after_pass_1.restore()
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
 

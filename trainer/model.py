@@ -103,13 +103,21 @@ def _saved_pooling(path: str) -> str | None:
 
 
 def save_sentence_transformer(
-    encoder: Encoder, tokenizer: PreTrainedTokenizerBase, folder: str | Path, max_seq_length: int
+    encoder: Encoder,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    max_seq_length: int,
+    backbone_state: dict[str, Tensor] | None = None,
 ) -> None:
     """Write a folder that loads with sentence_transformers.SentenceTransformer(folder) (transformer,
-    pooling, normalisation) and with transformers.AutoModel / AutoTokenizer."""
+    pooling, normalisation) and with transformers.AutoModel / AutoTokenizer.
+
+    backbone_state: the backbone's weights when the module does not hold them itself (ZeRO-3
+    partitions them; see deepspeed_backend.py).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    encoder.backbone.save_pretrained(folder)
+    encoder.backbone.save_pretrained(folder, state_dict=backbone_state)
     tokenizer.save_pretrained(folder)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -8,7 +8,6 @@ run writes anything. A run dir that already holds a complete checkpoint is resum
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -18,17 +17,17 @@ import datasets
 import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-from transformers import get_scheduler
 
 from trainer import checkpoint, distributed
+from trainer.backends import create_backend
 from trainer.data import Columns, GlobalBatches, StepBatches, load_pairs, tokenise
+from trainer.deepspeed_config import build_config, resolve_backend
 from trainer.evaluate import evaluate, load_beir
 from trainer.gradcache import GradCache, StepOutput
 from trainer.losses import PRESETS, ContrastiveLoss
 from trainer.metrics import RunLogger, alignment, embedding_std, uniformity
-from trainer.model import Encoder, load_tokenizer, save_sentence_transformer
+from trainer.model import Encoder, load_tokenizer
 from trainer.preemption import StopRequest
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,24 +81,18 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         pairs, tokenizer, cfg.model.query_max_length, cfg.model.doc_max_length, cfg.model.query_prefix, cfg.model.doc_prefix
     )
     total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * batches.steps_per_epoch
+    backend_name, backend_kwargs = _backend_settings(cfg, env.world_size)
     _say(
         f"{len(pairs)} training pairs with {pairs.num_negatives} hard negatives; global batch {cfg.data.batch_size} "
-        f"over {env.world_size} rank(s); {total_steps} steps; run dir {run_dir}"
+        f"over {env.world_size} rank(s); {total_steps} steps; backend {_describe(backend_name, backend_kwargs)}; "
+        f"run dir {run_dir}"
     )
 
-    # 2. Model, optimizer, schedule, loss, step.
+    # 2. Model, optimizer, schedule (the backend's), loss, step.
     torch.manual_seed(cfg.trainer.seed)
     encoder = Encoder.from_pretrained(cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout)
     encoder.to(device).train()
-    model = encoder
-    if env.world_size > 1:
-        model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(
-        encoder.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=device.type == "cuda"
-    )
-    schedule = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.trainer.schedule.value]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.trainer.warmup_steps, num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler(device.type) if cfg.trainer.precision.value == "fp16" else None
+    backend = create_backend(backend_name, encoder, device, cfg, total_steps, **backend_kwargs)
     loss_fn = ContrastiveLoss(
         temperature=cfg.loss.temperature,
         directions=[d.value for d in cfg.loss.directions],
@@ -108,12 +101,14 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         false_negative_margin=cfg.loss.false_negative_margin,
         tile_size=cfg.loss.tile_size,
     )
-    step_fn = GradCache(model, loss_fn, cfg.grad_cache.chunk_size, autocast_dtype=autocast_dtype, grad_scaler=scaler)
+    step_fn = GradCache(
+        backend.model, loss_fn, cfg.grad_cache.chunk_size, autocast_dtype=autocast_dtype, grad_scaler=backend.grad_scaler
+    )
 
     # 3. Resume, or start fresh with a per-rank dropout seed.
     latest = checkpoint.latest(run_dir)
     if latest is not None:
-        state = checkpoint.load(latest, encoder, optimizer, scheduler, scaler)
+        state = checkpoint.load(latest, backend.load_state)
         _say(f"resuming from {latest} (step {state.step})")
     else:
         state = checkpoint.TrainerState(step=0)
@@ -136,7 +131,9 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         if eval_set is None:
             return None
         result = None
-        if env.is_main:  # the eval set is small: one rank embeds it while the others wait
+        # The eval set is small: one rank embeds it while the others wait. Under ZeRO-3 no rank
+        # holds whole weights, so all ranks run the same forwards and rank 0 reports.
+        if env.is_main or backend.partitions_parameters:
             encoder.eval()
             result = evaluate(
                 _text_embedder(encoder, tokenizer, cfg.model.query_prefix, cfg.model.query_max_length, device, autocast_dtype),
@@ -145,6 +142,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
                 cfg.eval.batch_size,
             )
             encoder.train()
+        if env.is_main:
             logger.log_eval({"step": step, **result})
             tqdm.write(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         distributed.barrier()
@@ -152,7 +150,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
 
     def save_checkpoint(step: int) -> None:
         state.step, state.wandb_id = step, logger.wandb_id
-        checkpoint.save(run_dir, state, encoder, optimizer, scheduler, scaler, keep=cfg.checkpoint.keep)
+        checkpoint.save(run_dir, state, backend.save_state, keep=cfg.checkpoint.keep)
 
     # 4. The loop.
     if state.step == 0:
@@ -169,18 +167,9 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     last_time, last_step = time.perf_counter(), state.step
     for step, batch in enumerate(loader, start=state.step + 1):
         batch = _to(batch, device)
-        lr = scheduler.get_last_lr()[0]
+        lr = backend.lr()
         out = step_fn(batch["queries"], batch["docs"], batch["query_hashes"], batch["doc_hashes"])
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.trainer.max_grad_norm or math.inf)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = backend.step()
         progress.update(1)
 
         if step % cfg.trainer.log_every == 0 or step == total_steps:
@@ -205,11 +194,12 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     progress.close()
     stop_request.restore()
 
-    # 5. The model, the last evaluation, the summary.
+    # 5. The model (whole, whatever the sharding), the last evaluation, the summary.
+    tmp, final = run_dir / "model.tmp", run_dir / "model"
     if env.is_main:
-        tmp, final = run_dir / "model.tmp", run_dir / "model"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_sentence_transformer(encoder, tokenizer, tmp, max_seq_length=cfg.model.doc_max_length)
+    backend.export(tmp, tokenizer, max_seq_length=cfg.model.doc_max_length)
+    if env.is_main:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -222,6 +212,33 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         print(f"NDCG@10 before {before} -> after {result['ndcg@10']:.4f}; model saved to {run_dir / 'model'}", flush=True)
     logger.finish()
     return result
+
+
+def _backend_settings(cfg, world_size: int) -> tuple[str, dict]:
+    """The backend's name and, for DeepSpeed, its engine config (checked before anything runs)."""
+    precision = cfg.trainer.precision.value
+    name = resolve_backend(cfg.trainer.backend.value if cfg.trainer.backend else None, precision)
+    if name == "ddp":
+        return name, {}
+    ds = cfg.deepspeed
+    config = build_config(
+        zero_stage=ds.zero_stage,
+        offload_optimizer=ds.offload_optimizer,
+        config_file=ds.config,
+        micro_batch_size=cfg.data.batch_size // world_size,
+        world_size=world_size,
+        max_grad_norm=cfg.trainer.max_grad_norm,
+        precision=precision,
+    )
+    return name, {"config": config}
+
+
+def _describe(name: str, kwargs: dict) -> str:
+    if name == "ddp":
+        return "ddp"
+    zero = kwargs["config"]["zero_optimization"]
+    offload = zero.get("offload_optimizer", {}).get("device", "none")
+    return f"deepspeed ZeRO-{zero['stage']}" + (f" (optimizer offloaded to {offload})" if offload != "none" else "")
 
 
 def _metrics(cfg, out: StepOutput, loss_fn, step, batches, lr, grad_norm, pairs_per_s) -> dict:

@@ -1,0 +1,14 @@
+"""Session-wide settings for the tests' subprocesses."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_extensions_dir(tmp_path_factory):
+    """DeepSpeed compiles small CPU extensions (its shared-memory comm op, CPU Adam) on first use:
+    into this session's temp dir, once for all tests, never into the user's cache."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
+    return os.environ["TORCH_EXTENSIONS_DIR"]

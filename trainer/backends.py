@@ -1,0 +1,115 @@
+"""How the trainer's model is wrapped, stepped, checkpointed and exported: plain DDP here,
+DeepSpeed ZeRO in deepspeed_backend.py. The loop in train.py talks only to this interface, so both
+run the same data order, GradCache step, schedule and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from trainer import distributed
+from trainer.model import Encoder, save_sentence_transformer
+
+_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+class TrainingBackend(Protocol):
+    model: nn.Module
+    """What GradCache drives: the DDP wrapper, the DeepSpeed engine, or the bare encoder."""
+    grad_scaler: torch.amp.GradScaler | None
+    """fp16's gradient scaler, which GradCache applies to every backward (None otherwise)."""
+    partitions_parameters: bool
+    """True when no rank holds whole weights (ZeRO-3): every forward then needs every rank."""
+
+    def lr(self) -> float:
+        """The learning rate the next step will use."""
+
+    def step(self) -> float:
+        """Clip, step the optimizer and the schedule, clear gradients; returns the gradient norm
+        before clipping."""
+
+    def save_state(self, folder: Path) -> None:
+        """Write model, optimizer, schedule (and scaler) state into folder (collective)."""
+
+    def load_state(self, folder: Path) -> None:
+        """Restore what save_state wrote (collective)."""
+
+    def export(self, folder: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> None:
+        """Write the whole model as a sentence-transformers folder on rank 0 (collective)."""
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int):
+    return get_scheduler(_SCHEDULES[schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def create_backend(name: str, encoder: Encoder, device: torch.device, cfg, total_steps: int, **deepspeed_kwargs) -> TrainingBackend:
+    """name 'ddp' or 'deepspeed'; cfg is the run config (trainer.* and deepspeed.* are read)."""
+    if name == "deepspeed":
+        from trainer.deepspeed_backend import DeepSpeedBackend  # DeepSpeed is an optional dependency
+
+        return DeepSpeedBackend(encoder, device, cfg, total_steps, **deepspeed_kwargs)
+    return DDPBackend(encoder, device, cfg, total_steps)
+
+
+class DDPBackend:
+    """DistributedDataParallel (or nothing, for one process), torch AdamW, a transformers schedule;
+    rank 0 writes the replicated state."""
+
+    partitions_parameters = False
+
+    def __init__(self, encoder: Encoder, device: torch.device, cfg, total_steps: int) -> None:
+        self.encoder = encoder
+        self.model = encoder
+        if distributed.world_size() > 1:
+            self.model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(
+            encoder.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=device.type == "cuda"
+        )
+        self.scheduler = make_scheduler(self.optimizer, cfg.trainer.schedule.value, cfg.trainer.warmup_steps, total_steps)
+        self.grad_scaler = torch.amp.GradScaler(device.type) if cfg.trainer.precision.value == "fp16" else None
+        self.max_grad_norm = cfg.trainer.max_grad_norm or math.inf
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self) -> float:
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.max_grad_norm)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def save_state(self, folder: Path) -> None:
+        if not distributed.is_main():  # the state is the same on every rank
+            return
+        torch.save(self.encoder.state_dict(), folder / "model.pt")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        if self.grad_scaler is not None:
+            torch.save(self.grad_scaler.state_dict(), folder / "scaler.pt")
+
+    def load_state(self, folder: Path) -> None:
+        if not (folder / "model.pt").exists():
+            raise ValueError(f"{folder} holds no DDP checkpoint (model.pt); was it written with trainer.backend=deepspeed?")
+        self.encoder.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        if self.grad_scaler is not None and (folder / "scaler.pt").exists():
+            self.grad_scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=False))
+
+    def export(self, folder: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> None:
+        if distributed.is_main():
+            save_sentence_transformer(self.encoder, tokenizer, folder, max_seq_length=max_seq_length)
