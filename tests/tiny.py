@@ -113,23 +113,33 @@ def write_beir(folder: Path, rows: list[dict]) -> Path:
     return folder
 
 
-def trainer_command(where: list[str], overrides: tuple[str, ...], nproc: int = 1) -> tuple[list[str], dict]:
-    """The command line and environment that run `python -m trainer` (under torchrun if nproc > 1)."""
+def trainer_command(
+    where: list[str], overrides: tuple[str, ...], nproc: int = 1, launcher: list[str] | None = None
+) -> tuple[list[str], dict]:
+    """The command line and environment that run `python -m trainer` (under torchrun if nproc > 1,
+    or under the given launcher, e.g. accelerate launch's arguments up to its -m)."""
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    if launcher is None:
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return [*launcher, "-m", "trainer", *where, *overrides], env
 
 
 def run_trainer(
-    run_dir: Path, *overrides: str, nproc: int = 1, expect_ok: bool = True, timeout: int = 300, multirun: bool = False
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 1,
+    expect_ok: bool = True,
+    timeout: int = 300,
+    multirun: bool = False,
+    launcher: list[str] | None = None,
 ):
-    """`python -m trainer` (or under torchrun) in a subprocess; returns the CompletedProcess.
-    With multirun, run_dir is the sweep directory."""
+    """`python -m trainer` (or under torchrun, or the given launcher) in a subprocess; returns the
+    CompletedProcess. With multirun, run_dir is the sweep directory."""
     where = ["-m", f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
-    cmd, env = trainer_command(where, overrides, nproc)
+    cmd, env = trainer_command(where, overrides, nproc, launcher)
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok:
         assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -155,7 +155,7 @@ def offloads_optimizer(config: Mapping[str, Any]) -> bool:
 def _agree(what: str, sources: list[tuple[str, Any]], default: Any) -> Any:
     given = [(name, value) for name, value in sources if value is not None]
     if len({json.dumps(value) for _, value in given}) > 1:
-        listed = ", ".join(f"{name} = {value}" for name, value in given)
+        listed = ", ".join(f"{name} = {json.dumps(value)}" for name, value in given)
         raise DeepSpeedConfigError(f"the {what} is set differently in two places ({listed}); set it once")
     return given[0][1] if given else default
 

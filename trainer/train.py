@@ -7,6 +7,7 @@ run writes anything. A run dir that already holds a complete checkpoint is resum
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -220,6 +221,8 @@ def _backend_settings(cfg, world_size: int) -> tuple[str, dict]:
     name = resolve_backend(cfg.trainer.backend.value if cfg.trainer.backend else None, precision)
     if name == "ddp":
         return name, {}
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("trainer.backend=deepspeed needs DeepSpeed: pip install 'contrastive-trainer[deepspeed]'")
     ds = cfg.deepspeed
     config = build_config(
         zero_stage=ds.zero_stage,
