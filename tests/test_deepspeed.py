@@ -15,7 +15,7 @@ from tests.tiny import run_torchrun
 @pytest.fixture(scope="module")
 def zero_results() -> dict[str, dict]:
     """One torchrun for all runs: DeepSpeed's import and set-up dominate the time."""
-    output = run_torchrun("gradcache_zero.py", "1", "2", "3", "1-nocoalesce")
+    output = run_torchrun("gradcache_zero.py", "1", "2", "3", "2-dropout", "1-nocoalesce")
     results = [json.loads(line.removeprefix("RESULT ")) for line in output.splitlines() if line.startswith("RESULT ")]
     return {result["run"]: result for result in results}
 
@@ -34,6 +34,14 @@ def test_zero_gradcache_steps_equal_ddp_with_one_reduction_per_step(zero_results
     assert result["param_moved"] > 100 * param_tol  # the steps did move the weights
     # 3 + 6 chunks per step, reduced as often as one plain backward: once per bucket, not per chunk.
     assert result["plain_reductions"] > 1
+    assert result["cached_reductions"] == [result["plain_reductions"]] * 3, result
+
+
+def test_zero_replays_dropout_like_ddp(zero_results):
+    """Dropout 0.1 on both sides: pass 2 through the engine must redraw pass 1's masks."""
+    result = zero_results["2-dropout"]
+    assert max(result["grad_diffs"]) <= 1e-7, result
+    assert result["param_diff"] <= 1e-7, result
     assert result["cached_reductions"] == [result["plain_reductions"]] * 3, result
 
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny import run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model
+from tests.tiny import (
+    assert_sentence_transformers_matches_encoder, run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model,
+)
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -117,9 +119,6 @@ def test_zero3_offload_stopped_and_resumed_equals_uninterrupted(assets, zero3_ru
 
 def test_zero3_export_is_the_whole_model_and_loads_in_sentence_transformers(zero3_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from sentence_transformers import SentenceTransformer
-
-    from trainer.model import Encoder, load_tokenizer
 
     run_dir, _ = zero3_run
     exported = weights(run_dir)
@@ -129,13 +128,7 @@ def test_zero3_export_is_the_whole_model_and_loads_in_sentence_transformers(zero
     assert_same_weights(exported, {k: from_shards[k] for k in exported}, atol=0)
     assert exported["embeddings.word_embeddings.weight"].shape == (125, 32)  # whole, not a shard
 
-    texts = ["w1 w2 w3", "w7 w8 w9 w10 w11 w12"]
-    st_vectors = torch.tensor(SentenceTransformer(str(run_dir / "model"), device="cpu").encode(texts))
-    encoder = Encoder.from_pretrained(str(run_dir / "model")).eval()
-    tokenizer = load_tokenizer(str(run_dir / "model"))
-    with torch.no_grad():
-        ours = torch.nn.functional.normalize(encoder(**tokenizer(texts, padding=True, return_tensors="pt")), dim=-1)
-    torch.testing.assert_close(st_vectors, ours, atol=1e-5, rtol=1e-5)
+    assert_sentence_transformers_matches_encoder(run_dir / "model")
 
     # Evaluation ran on every rank (ZeRO-3 needs all of them for a forward); rank 0 wrote it.
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]

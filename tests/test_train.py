@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny import run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model
+from tests.tiny import (
+    assert_sentence_transformers_matches_encoder, run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -150,18 +152,9 @@ def test_multirun_sweep_shares_a_wandb_group_and_summarises(assets, tmp_path):
 
 
 def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(full_run):
-    from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from trainer.model import Encoder, load_tokenizer
-
-    texts = ["w1 w2 w3", "w7 w8 w9 w10 w11 w12"]
-    st_vectors = torch.tensor(SentenceTransformer(str(full_run / "model"), device="cpu").encode(texts))
-    encoder = Encoder.from_pretrained(str(full_run / "model")).eval()
-    tokenizer = load_tokenizer(str(full_run / "model"))
-    with torch.no_grad():
-        ours = torch.nn.functional.normalize(encoder(**tokenizer(texts, padding=True, return_tensors="pt")), dim=-1)
-    torch.testing.assert_close(st_vectors, ours, atol=1e-5, rtol=1e-5)
+    assert_sentence_transformers_matches_encoder(full_run / "model")
     assert AutoModel.from_pretrained(str(full_run / "model")).config.hidden_size == 32
 
 

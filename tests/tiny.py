@@ -103,8 +103,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def write_beir(folder: Path, rows: list[dict]) -> Path:
     """A BEIR folder whose queries are the rows' queries and whose corpus is their positives."""
-    import json
-
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": r["positive"]} for i, r in enumerate(rows)])
     write_jsonl(folder / "queries.jsonl", [{"_id": f"q{i}", "text": r["query"]} for i, r in enumerate(rows)])
@@ -144,3 +142,20 @@ def run_trainer(
     if expect_ok:
         assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def assert_sentence_transformers_matches_encoder(folder: Path) -> None:
+    """The saved model, loaded by sentence-transformers, embeds as our Encoder loaded from it does
+    (normalised): the export's modules (pooling, normalisation) say what the trainer did."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from trainer.model import load_tokenizer
+
+    texts = ["w1 w2 w3", "w7 w8 w9 w10 w11 w12"]
+    st_vectors = torch.tensor(SentenceTransformer(str(folder), device="cpu").encode(texts))
+    encoder = Encoder.from_pretrained(str(folder)).eval()
+    tokenizer = load_tokenizer(str(folder))
+    with torch.no_grad():
+        ours = torch.nn.functional.normalize(encoder(**tokenizer(texts, padding=True, return_tensors="pt")), dim=-1)
+    torch.testing.assert_close(st_vectors, ours, atol=1e-5, rtol=1e-5)

@@ -179,18 +179,6 @@ class GradCache:
             self._scaled(loss).backward()
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
 
-    def _engine_pass_2(self, chunks, rng_states, grads, device) -> None:
-        """Pass 2 through a DeepSpeed engine. engine.backward() takes a scalar, so each chunk
-        backpropagates <emb, cached grad>, whose gradient with respect to emb is the cached grad;
-        the engine's loss scaling and hooks apply as for any loss. Reduction waits for the block's
-        end: one per step."""
-        with self.engine.coalesce_grad_reduction():
-            for chunk, rng, grad in zip(chunks, rng_states, grads):
-                rng.restore()
-                with self._autocast(device):
-                    emb = self.engine(**chunk)
-                self.engine.backward((emb * grad.to(emb.dtype)).sum())
-
     def _cached_step(self, queries, docs, docs_per_query, query_hashes, doc_hashes) -> StepOutput:
         device = queries["input_ids"].device
         chunks = split_batch(queries, self.chunk_size, self.trim_padding)
@@ -231,3 +219,14 @@ class GradCache:
         after_pass_1.restore()
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
 
+    def _engine_pass_2(self, chunks, rng_states, grads, device) -> None:
+        """Pass 2 through a DeepSpeed engine. engine.backward() takes a scalar, so each chunk
+        backpropagates <emb, cached grad>, whose gradient with respect to emb is the cached grad;
+        the engine's loss scaling and hooks apply as for any loss. Reduction waits for the block's
+        end: one per step."""
+        with self.engine.coalesce_grad_reduction():
+            for chunk, rng, grad in zip(chunks, rng_states, grads):
+                rng.restore()
+                with self._autocast(device):
+                    emb = self.engine(**chunk)
+                self.engine.backward((emb * grad.to(emb.dtype)).sum())

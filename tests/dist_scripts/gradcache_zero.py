@@ -1,7 +1,8 @@
 """Under torchrun (2 ranks, gloo): GradCache driving DeepSpeed ZeRO engines.
 
 Three cached steps (chunk 3, 8 pairs per rank, dropout off) of a tiny BERT under DDP are the
-reference. Then, for each argument (a stage, e.g. "3", or "1-nocoalesce" for the negative control
+reference. Then, for each argument (a stage, e.g. "3"; "2-dropout" for dropout 0.1 in both, which
+GradCache must replay identically through the engine; "1-nocoalesce" for the negative control
 that drops the engine's coalesce_grad_reduction), the same steps under ZeRO: their gradients and
 parameters against DDP's, and DeepSpeed's comm-logger count of reductions in pass 2 against one
 plain backward's. Rank 0 prints one "RESULT {json}" line per argument.
@@ -46,25 +47,32 @@ def reductions():
     )
 
 
-# DDP: the reference.
-encoder = tiny_encoder(dropout=0.0, seed=0)
-ddp = DDP(encoder)
-optimizer = torch.optim.AdamW(encoder.parameters(), lr=LR)
-step_fn = GradCache(ddp, ContrastiveLoss.from_preset("gte"), chunk_size=CHUNK)
-ddp_grads = []
-for step in range(STEPS):
-    step_fn(*batch(step))
-    ddp_grads.append({n: p.grad.clone() for n, p in encoder.named_parameters()})
-    torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad()
-ddp_params = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+_references = {}
 
 
+def ddp_reference(dropout: float) -> tuple[list[dict], dict]:
+    """DDP's gradients at every step and final parameters (computed once per dropout)."""
+    if dropout not in _references:
+        encoder = tiny_encoder(dropout=dropout, seed=0)
+        ddp = DDP(encoder)
+        optimizer = torch.optim.AdamW(encoder.parameters(), lr=LR)
+        step_fn = GradCache(ddp, ContrastiveLoss.from_preset("gte"), chunk_size=CHUNK)
+        torch.manual_seed(100 + r)  # each rank its own dropout masks, as in the trainer
+        grads = []
+        for step in range(STEPS):
+            step_fn(*batch(step))
+            grads.append({n: p.grad.clone() for n, p in encoder.named_parameters()})
+            torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        _references[dropout] = grads, {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    return _references[dropout]
 
-def zero_run(stage: int, coalesce: bool) -> dict:
+
+def zero_run(stage: int, coalesce: bool, dropout: float) -> dict:
     """The DDP reference's steps under ZeRO `stage`."""
-    zero_encoder = tiny_encoder(dropout=0.0, seed=0)
+    ddp_grads, ddp_params = ddp_reference(dropout)
+    zero_encoder = tiny_encoder(dropout=dropout, seed=0)
     config = {
         "train_micro_batch_size_per_gpu": LOCAL,
         "gradient_accumulation_steps": 1,
@@ -84,6 +92,7 @@ def zero_run(stage: int, coalesce: bool) -> dict:
         engine.coalesce_grad_reduction = contextlib.nullcontext
     names = [n for n, _ in zero_encoder.named_parameters()]
     grad_diffs, cached_reductions = [], []
+    torch.manual_seed(100 + r)
     for step in range(STEPS):
         before = reductions()
         GradCache(engine, ContrastiveLoss.from_preset("gte"), chunk_size=CHUNK)(*batch(step))
@@ -102,15 +111,16 @@ def zero_run(stage: int, coalesce: bool) -> dict:
     GradCache(engine, ContrastiveLoss.from_preset("gte"))(*batch(0))
     plain_reductions = reductions() - before
     engine.step()
+    initial = dict(tiny_encoder(seed=0).named_parameters())
+    param_moved = max(float((ddp_params[n] - initial[n].detach()).abs().max()) for n in names)
     return {
         "grad_diffs": grad_diffs, "param_diff": param_diff, "param_moved": param_moved,
         "cached_reductions": cached_reductions, "plain_reductions": plain_reductions,
     }
 
 
-param_moved = max(float((ddp_params[n] - p.detach()).abs().max()) for n, p in tiny_encoder(seed=0).named_parameters())
 for arg in sys.argv[1:]:
-    stage, _, control = arg.partition("-")
-    result = zero_run(int(stage), coalesce=control != "nocoalesce")
+    stage, _, variant = arg.partition("-")
+    result = zero_run(int(stage), coalesce=variant != "nocoalesce", dropout=0.1 if variant == "dropout" else 0.0)
     if r == 0:
         print("RESULT " + json.dumps({"run": arg, **result}), flush=True)
