@@ -2,7 +2,8 @@
 
 Three cached steps (chunk 3, 8 pairs per rank, dropout off) of a tiny BERT under DDP are the
 reference. Then, for each argument (a stage, e.g. "3"; "2-dropout" for dropout 0.1 in both, which
-GradCache must replay identically through the engine; "1-nocoalesce" for the negative control
+GradCache must replay identically through the engine; "3-offload" for CPU Adam on offloaded
+optimizer state; "1-nocoalesce" for the negative control
 that drops the engine's coalesce_grad_reduction), the same steps under ZeRO: their gradients and
 parameters against DDP's, and DeepSpeed's comm-logger count of reductions in pass 2 against one
 plain backward's. Rank 0 prints one "RESULT {json}" line per argument.
@@ -69,7 +70,7 @@ def ddp_reference(dropout: float) -> tuple[list[dict], dict]:
     return _references[dropout]
 
 
-def zero_run(stage: int, coalesce: bool, dropout: float) -> dict:
+def zero_run(stage: int, coalesce: bool, dropout: float, offload: bool) -> dict:
     """The DDP reference's steps under ZeRO `stage`."""
     ddp_grads, ddp_params = ddp_reference(dropout)
     zero_encoder = tiny_encoder(dropout=dropout, seed=0)
@@ -84,10 +85,14 @@ def zero_run(stage: int, coalesce: bool, dropout: float) -> dict:
         "steps_per_print": 10**9,
         "comms_logger": {"enabled": True, "prof_all": True},
     }
-    engine, *_ = deepspeed.initialize(
-        model=zero_encoder, optimizer=torch.optim.AdamW(zero_encoder.parameters(), lr=LR), config=config,
-        dist_init_required=False,
-    )
+    if offload:  # the optimizer state in CPU memory, stepped by DeepSpeed's CPU Adam (as the trainer does)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        optimizer = DeepSpeedCPUAdam(zero_encoder.parameters(), lr=LR, weight_decay=0.01, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(zero_encoder.parameters(), lr=LR)  # weight decay 0.01, as DDP's
+    engine, *_ = deepspeed.initialize(model=zero_encoder, optimizer=optimizer, config=config, dist_init_required=False)
     if not coalesce:  # the negative control: the engine reduces on every backward
         engine.coalesce_grad_reduction = contextlib.nullcontext
     names = [n for n, _ in zero_encoder.named_parameters()]
@@ -121,6 +126,8 @@ def zero_run(stage: int, coalesce: bool, dropout: float) -> dict:
 
 for arg in sys.argv[1:]:
     stage, _, variant = arg.partition("-")
-    result = zero_run(int(stage), coalesce=variant != "nocoalesce", dropout=0.1 if variant == "dropout" else 0.0)
+    result = zero_run(
+        int(stage), coalesce=variant != "nocoalesce", dropout=0.1 if variant == "dropout" else 0.0, offload=variant == "offload"
+    )
     if r == 0:
         print("RESULT " + json.dumps({"run": arg, **result}), flush=True)
