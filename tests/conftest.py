@@ -12,3 +12,11 @@ def torch_extensions_dir(tmp_path_factory):
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
         os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
     return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_dir(tmp_path_factory):
+    """The trainer's token cache (and that of every trainer subprocess): this session's temp dir,
+    never the user's ~/.cache."""
+    os.environ["CONTRASTIVE_TRAINER_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
+    return os.environ["CONTRASTIVE_TRAINER_CACHE"]

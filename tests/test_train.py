@@ -34,7 +34,7 @@ def assets(tmp_path_factory):
 def common(assets, *extra: str) -> list[str]:
     return [
         f"model.name_or_path={assets['model']}",
-        f"data.train=[{assets['train']}]",
+        f"data.train={assets['train']}",  # a plain path, as everyone types it first
         f"eval.data={assets['dev']}",
         "model.dropout=0.0",
         "trainer.lr=1e-3",
@@ -164,7 +164,7 @@ def test_bad_input_is_one_clear_error_before_anything_is_written(assets, tmp_pat
     run_dir = tmp_path / "existing-run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    proc = run_trainer(run_dir, *common(assets, f"data.train=[{bad}]"), expect_ok=False)
+    proc = run_trainer(run_dir, *common(assets, f"data.train={bad}"), expect_ok=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bad}: line 2: field 'positive' is empty"]
@@ -203,3 +203,31 @@ def test_summary_of_runs_without_evaluation_plots_the_final_loss(tmp_path):
     with open(tmp_path / "summary.csv", newline="") as handle:
         assert [float(r["final_loss"]) for r in csv.DictReader(handle)] == [2.0, 1.5]
     assert (tmp_path / "summary.png").exists()
+
+
+def test_two_sources_same_source_batches_world_size_invariance_and_resume(assets, tmp_path):
+    """Two weighted sources: every step names its one source; 2 ranks and an interrupted run
+    give the losses of one uninterrupted rank."""
+    other = write_jsonl(assets["root"] / "other.jsonl", synthetic_pairs(40, seed=9))
+    spec = f"data.train={{main: {assets['train']}, other: {{path: {other}, weight: 3}}}}"
+    args = common(assets, spec, "data.batch_size=8", "trainer.max_steps=6", "wandb.mode=disabled", "eval.data=null")
+    single = tmp_path / "single"
+    proc = run_trainer(single, *args)
+    assert "88 training pairs in 2 sources" in proc.stdout
+    records = metrics(single)
+    assert {r["source"] for r in records} == {"main", "other"}
+    for r in records:
+        assert r[f"loss/{r['source']}"] == r["loss"]
+    last = records[-1]
+    assert last["rows_seen/main"] + last["rows_seen/other"] == 6 * 8
+    assert last["rows_seen/other"] == 8 * sum(r["source"] == "other" for r in records)
+
+    ranks = tmp_path / "ranks"
+    run_trainer(ranks, *args, nproc=2)
+    torch.testing.assert_close(losses(ranks)[:5], losses(single)[:5], atol=1e-5, rtol=0)
+    assert [r["source"] for r in metrics(ranks)] == [r["source"] for r in records]
+
+    resumed = tmp_path / "resumed"
+    run_trainer(resumed, *args, "trainer.stop_after_step=3")
+    run_trainer(resumed, *args)
+    torch.testing.assert_close(losses(resumed), losses(single), atol=1e-6, rtol=0)

@@ -57,15 +57,31 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300) ->
 WORDS = [f"w{i}" for i in range(120)]
 
 
+def word_tokenizer():
+    """A BERT-style WordPiece tokenizer over [PAD] [UNK] [CLS] [SEP] [MASK] + WORDS, built with the
+    tokenizers library itself (transformers 5 ignores BertTokenizerFast(vocab_file=...), and 4
+    does not know its vocab=: this works under both)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=64,
+    )
+
+
 def write_tiny_model(folder: Path, dropout: float = 0.0) -> Path:
     """A saved random tiny BERT with a word-level tokenizer: a model folder like any other."""
-    from transformers import BertTokenizerFast
-
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
-    tokenizer.model_max_length = 64
+    tokenizer = word_tokenizer()
+    assert tokenizer("w12 w13")["input_ids"] == [2, 17, 18, 3]  # the words are in the vocabulary
     tokenizer.save_pretrained(folder)
     config = BertConfig(
         vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -43,6 +43,17 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Sampling(str, Enum):
+    proportional = "proportional"
+    uniform = "uniform"
+    temperature = "temperature"
+
+
+class MissingNegatives(str, Enum):
+    error = "error"
+    pad = "pad"
+
+
 class Backend(str, Enum):
     ddp = "ddp"
     deepspeed = "deepspeed"
@@ -75,9 +86,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: List[str] = field(default_factory=lambda: ["data/debian-sample/train.jsonl.gz"])
-    """Training data: paths to .jsonl, .jsonl.gz, .parquet or .csv files, `datasets`
-    save_to_disk folders, or hub dataset names. Relative paths are relative to where you ran."""
+    train: Any = "data/debian-sample/train.jsonl.gz"
+    """Training data: one path; a list of paths (one source in several files); or a mapping
+    name -> path | {path, weight} (several sources). A path is a .jsonl, .jsonl.gz, .parquet or
+    .csv file, a `datasets` save_to_disk folder, or a hub dataset name; relative paths are
+    relative to where you ran."""
+    sampling: Sampling = Sampling.proportional
+    """How often each source is drawn: proportional (to its rows), uniform, or temperature
+    (rows ** sampling_alpha); times each source's weight."""
+    sampling_alpha: float = 0.5
+    """The exponent of temperature sampling (1 = proportional, 0 = uniform)."""
+    same_source_batches: Optional[bool] = None
+    """Every global batch from one source (None = true when there are several sources)."""
     batch_size: int = 32
     """The GLOBAL batch size (pairs per optimizer step, all ranks together); must divide by the
     number of ranks."""
@@ -90,7 +110,14 @@ class DataConfig:
     negative_prefix: str = "negative_"
     """Hard negatives as columns negative_1 .. negative_n (used if present)."""
     num_negatives: Optional[int] = None
-    """Use at most this many hard negatives per row (None = all that every row has)."""
+    """Hard negatives per row (None = as many as every row has). Rows with more get a seeded
+    choice of this many, drawn anew each epoch."""
+    missing_negatives: MissingNegatives = MissingNegatives.error
+    """Rows with fewer than num_negatives: error (before training), or pad with the positives
+    of random other rows of the same source."""
+    cache_dir: Optional[str] = None
+    """Where tokenised data is cached (None = $CONTRASTIVE_TRAINER_CACHE, else
+    ~/.cache/contrastive-trainer/data). Safe to delete; rebuilt when needed."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
 

@@ -172,3 +172,25 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` over ranks (a new tensor; for logging, not for gradients)."""
     return all_reduce(tensor) / world_size()
+
+
+_long_wait_groups: dict[datetime.timedelta, dist.ProcessGroup] = {}
+
+
+def gather_objects(obj, timeout: datetime.timedelta | None = None) -> list:
+    """Every rank's `obj` (small, picklable), in rank order; [obj] for a single process.
+
+    With a timeout, the collective runs on a gloo group of its own with that timeout (created
+    once, by all ranks together), for waits longer than the process group allows: e.g. ranks
+    waiting while one builds the data cache.
+    """
+    if world_size() == 1:
+        return [obj]
+    group = None
+    if timeout is not None:
+        if timeout not in _long_wait_groups:
+            _long_wait_groups[timeout] = dist.new_group(backend="gloo", timeout=timeout)
+        group = _long_wait_groups[timeout]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out

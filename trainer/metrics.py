@@ -112,7 +112,9 @@ class RunLogger:
             return
         self._append("metrics.jsonl", record)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            # Figures only: a text field (e.g. the step's source name) stays in metrics.jsonl.
+            figures = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self.wandb.log(figures, step=record["step"])
 
     def log_eval(self, record: dict) -> None:
         if not self.enabled:

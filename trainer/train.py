@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from trainer import checkpoint, distributed
 from trainer.backends import create_backend
-from trainer.data import Columns, GlobalBatches, StepBatches, load_pairs, tokenise
+from trainer.data import (
+    Columns, GlobalBatches, StepBatches, TokenSettings, parse_sources, prepare, resolve_num_negatives, source_weights,
+)
 from trainer.deepspeed_config import build_config, resolve_backend
 from trainer.evaluate import evaluate, load_beir
 from trainer.gradcache import GradCache, StepOutput
@@ -70,21 +72,27 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     run_dir = Path(run_dir)
 
     # 1. Inputs, all checked before anything is written.
-    columns = Columns(
-        cfg.data.query_column, cfg.data.positive_column, cfg.data.negatives_column,
-        cfg.data.negative_prefix, cfg.data.num_negatives,
-    )
-    pairs = load_pairs([str(Path(p).expanduser()) for p in cfg.data.train], columns)
-    batches = GlobalBatches(len(pairs), cfg.data.batch_size, cfg.trainer.seed, env.world_size, env.rank)
+    columns = Columns(cfg.data.query_column, cfg.data.positive_column, cfg.data.negatives_column, cfg.data.negative_prefix)
+    train_spec = cfg.data.train
+    sources = parse_sources(OmegaConf.to_container(train_spec) if OmegaConf.is_config(train_spec) else train_spec)
     eval_set = load_beir(cfg.eval.data) if cfg.eval.data else None
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    tokenised = tokenise(
-        pairs, tokenizer, cfg.model.query_max_length, cfg.model.doc_max_length, cfg.model.query_prefix, cfg.model.doc_prefix
+    settings = TokenSettings(
+        cfg.model.query_max_length, cfg.model.doc_max_length, cfg.model.query_prefix, cfg.model.doc_prefix
+    )
+    data = prepare(sources, columns, tokenizer, settings, cfg.data.cache_dir)
+    num_negatives = resolve_num_negatives(data, sources, cfg.data.num_negatives, cfg.data.missing_negatives.value)
+    same_source = cfg.data.same_source_batches if cfg.data.same_source_batches is not None else len(sources) > 1
+    weights = source_weights(data.sizes, [s.weight for s in sources], cfg.data.sampling.value, cfg.data.sampling_alpha)
+    batches = GlobalBatches(
+        data.sizes, cfg.data.batch_size, cfg.trainer.seed, env.world_size, env.rank,
+        weights=weights, same_source=same_source, names=data.names,
     )
     total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * batches.steps_per_epoch
     backend_name, backend_kwargs = _backend_settings(cfg, env.world_size)
     _say(
-        f"{len(pairs)} training pairs with {pairs.num_negatives} hard negatives; global batch {cfg.data.batch_size} "
+        f"{len(data)} training pairs in {_describe_sources(data, weights, same_source)} with {num_negatives} hard "
+        f"negatives; global batch {cfg.data.batch_size} "
         f"over {env.world_size} rank(s); {total_steps} steps; backend {_describe(backend_name, backend_kwargs)}; "
         f"run dir {run_dir}"
     )
@@ -157,7 +165,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     if state.step == 0:
         run_eval(0)
     loader = torch.utils.data.DataLoader(
-        StepBatches(tokenised, batches, tokenizer, state.step, total_steps),
+        StepBatches(data, batches, tokenizer, num_negatives, state.step, total_steps),
         batch_size=None,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
@@ -176,6 +184,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         if step % cfg.trainer.log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - last_time
             record = _metrics(cfg, out, loss_fn, step, batches, lr, grad_norm, (step - last_step) * cfg.data.batch_size / elapsed)
+            if len(sources) > 1:
+                record.update(_source_metrics(batches, step, record["loss"]))
             logger.log(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.0f}")
             last_time, last_step = time.perf_counter(), step
@@ -242,6 +252,23 @@ def _describe(name: str, kwargs: dict) -> str:
     zero = kwargs["config"]["zero_optimization"]
     offload = zero.get("offload_optimizer", {}).get("device", "none")
     return f"deepspeed ZeRO-{zero['stage']}" + (f" (optimizer offloaded to {offload})" if offload != "none" else "")
+
+
+def _describe_sources(data, weights, same_source: bool) -> str:
+    if len(data.names) == 1:
+        return "1 source"
+    shares = ", ".join(f"{name} {size} rows p={w:.3f}" for name, size, w in zip(data.names, data.sizes, weights))
+    return f"{len(data.names)} sources ({shares}; {'same-source' if same_source else 'mixed'} batches)"
+
+
+def _source_metrics(batches: GlobalBatches, step: int, loss: float) -> dict:
+    """Rows drawn from each source so far; with same-source batches, the step's source and its loss."""
+    record = {f"rows_seen/{name}": rows for name, rows in batches.rows_seen(step).items()}
+    k = batches.source_of(step - 1)
+    if k is not None:
+        record["source"] = batches.names[k]
+        record[f"loss/{batches.names[k]}"] = loss
+    return record
 
 
 def _metrics(cfg, out: StepOutput, loss_fn, step, batches, lr, grad_norm, pairs_per_s) -> dict:

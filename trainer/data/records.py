@@ -1,0 +1,84 @@
+"""Rows as Python sees them: the error type, the column names, text hashes, and the exact row
+validator that names file, line and field.
+
+The training path validates whole Arrow batches at once (sources.py); this row-by-row reader is
+what explains a problem once one is found, and what reads small files such as an eval set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad training or evaluation data: the message names the file, the line (or row) and the field."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where the texts are (the data.* column settings)."""
+
+    query: str = "query"
+    positive: str = "positive"
+    negatives: str = "negatives"
+    negative_prefix: str = "negative_"
+
+
+def text_hash(text: str) -> int:
+    """A stable signed 64-bit hash of a text (duplicate masking compares these across ranks)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """('line N', object) for each non-blank line of a .jsonl or .jsonl.gz file; DataError on a bad line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+            yield f"line {number}", record
+
+
+def row_texts(source: str, where: str, record: dict, columns: Columns) -> tuple[str, list[str]]:
+    """(query, [positive, hard negatives...]) of one record; DataError naming source, where and field."""
+
+    def text(field: str, value) -> str:
+        if value is None:
+            raise DataError(f"{source}: {where}: field '{field}' is missing")
+        if not isinstance(value, str):
+            raise DataError(f"{source}: {where}: field '{field}' must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise DataError(f"{source}: {where}: field '{field}' is empty")
+        return value
+
+    docs = [text(columns.positive, record.get(columns.positive))]
+    if columns.negatives in record and record[columns.negatives] is not None:
+        negatives = record[columns.negatives]
+        if not isinstance(negatives, list):
+            raise DataError(
+                f"{source}: {where}: field '{columns.negatives}' must be a list of strings, got {type(negatives).__name__}"
+            )
+        docs += [text(f"{columns.negatives}[{i}]", value) for i, value in enumerate(negatives)]
+    k = 1
+    while f"{columns.negative_prefix}{k}" in record:
+        name = f"{columns.negative_prefix}{k}"
+        docs.append(text(name, record[name]))
+        k += 1
+    return text(columns.query, record.get(columns.query)), docs
+
+
+def first_bad_jsonl_row(path: Path, columns: Columns) -> None:
+    """Read a JSONL file row by row and raise the DataError of its first bad row, if it has one."""
+    for where, record in jsonl_records(path):
+        row_texts(str(path), where, record, columns)
