@@ -9,8 +9,10 @@ texts differ. For each size, 1 and 2 ranks (torchrun, gloo), cold (an empty cach
 (the cache the cold run built), each rank runs exactly what `python -m trainer` runs before
 its first step: parse data.train, load the tokenizer, prepare (build or map the cache), plan
 the global batches and collate the first one. Reported per run: wall seconds from launch to the
-first batch (slowest rank), peak RSS of each rank (and of any helper process), CPU seconds of
-the whole process tree, and how many ranks built a cache.
+first batch (slowest rank), peak RSS of each rank and its private memory at the first batch
+(RSS also counts the page cache of the memory-mapped cache that the rank has read, shared by
+all ranks of a node), CPU seconds of the whole process tree, and how many ranks built a cache.
+Helper processes (none are started now) would show in the JSON's helper_rss_gb.
 
 The baseline is the pipeline as it was before the cache (trainer/data.py at --baseline-rev, read
 from git): every rank loads the rows into Python lists and tokenises all of them, run with one
@@ -54,6 +56,21 @@ def make_pairs(n: int, path: Path) -> Path:
 # ------------------------------------------------------------------------------ in each rank
 
 
+def _memory_and_time() -> dict:
+    """Seconds since launch; peak RSS (which counts the file pages of memory-mapped caches it has
+    read: page cache, shared by the node's ranks) and, at this moment, private memory (RssAnon:
+    what the process itself allocated)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    kib = lambda key: int(status[key].split()[0])  # noqa: E731
+    return {
+        "seconds": time.time() - float(os.environ["BENCH_T0"]),
+        "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "private_gb": kib("RssAnon") / 2**20,
+        "helper_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+    }
+
+
+
 def worker(args) -> None:
     """One rank: everything the trainer does before step 1, then a JSON line of figures."""
     from trainer import distributed
@@ -73,15 +90,7 @@ def worker(args) -> None:
     batches = GlobalBatches(data.sizes, args.batch_size, 42, env.world_size, env.rank, names=data.names)
     first = StepBatches(data, batches, tokenizer, num_negatives, 0, 1)[0]
     assert first["queries"]["input_ids"].shape[0] == args.batch_size // env.world_size
-    usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    figures = {
-        "rank": env.rank,
-        "seconds": time.time() - float(os.environ["BENCH_T0"]),
-        "rss_gb": usage.ru_maxrss / 2**20,
-        "helper_rss_gb": children.ru_maxrss / 2**20,
-        "builds": len(builds),
-        "rows": len(data),
-    }
+    figures = {"rank": env.rank, **_memory_and_time(), "builds": len(builds), "rows": len(data)}
     Path(args.report).with_suffix(f".{env.rank}.json").write_text(json.dumps(figures))
     distributed.teardown()
 
@@ -105,9 +114,7 @@ def baseline_worker(args) -> None:
     tokenised = old.tokenise(pairs, tokenizer, 32, 128)
     batches = old.GlobalBatches(len(pairs), args.batch_size, 42)
     old.StepBatches(tokenised, batches, tokenizer, 0, 1)[0]
-    usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    figures = {"rank": 0, "seconds": time.time() - float(os.environ["BENCH_T0"]), "rss_gb": usage.ru_maxrss / 2**20,
-               "helper_rss_gb": children.ru_maxrss / 2**20, "builds": 1, "rows": len(pairs)}
+    figures = {"rank": 0, **_memory_and_time(), "builds": 1, "rows": len(pairs)}
     Path(args.report).with_suffix(".0.json").write_text(json.dumps(figures))
 
 
@@ -132,6 +139,7 @@ def run(train: Path, nproc: int, cache_dir: Path, work: Path, args, baseline: bo
     return {
         "seconds": max(r["seconds"] for r in ranks),
         "rss_gb": max(r["rss_gb"] for r in ranks),
+        "private_gb": max(r["private_gb"] for r in ranks),
         "helper_rss_gb": max(r["helper_rss_gb"] for r in ranks),
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         "builds": sum(r["builds"] for r in ranks),
@@ -161,8 +169,8 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="data-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    print(f"{'pairs':>9} {'pipeline':<9} {'ranks':>5} {'cache':<5} {'first step s':>12} {'RSS/rank GB':>11} "
-          f"{'helper GB':>9} {'CPU s':>7} {'builds':>6}", flush=True)
+    print(f"{'pairs':>9} {'pipeline':<9} {'ranks':>5} {'cache':<5} {'first step s':>12} {'peak RSS/rank GB':>16} "
+          f"{'private GB':>10} {'CPU s':>7} {'builds':>6}", flush=True)
     for size in [int(s) for s in args.sizes.split(",") if s]:
         train = make_pairs(size, work / f"pairs-{size}.jsonl")
         plan = [("new", n, c) for n in (1, 2) for c in ("cold", "warm")]
@@ -175,8 +183,8 @@ def main() -> None:
             result = run(train, nproc, cache_dir, work, args, baseline=pipeline == "baseline")
             row = {"pairs": size, "pipeline": pipeline, "ranks": nproc, "cache": cache, **result}
             rows.append(row)
-            print(f"{size:>9} {pipeline:<9} {nproc:>5} {cache:<5} {result['seconds']:>12.1f} {result['rss_gb']:>11.2f} "
-                  f"{result['helper_rss_gb']:>9.2f} {result['cpu_s']:>7.1f} {result['builds']:>6}", flush=True)
+            print(f"{size:>9} {pipeline:<9} {nproc:>5} {cache:<5} {result['seconds']:>12.1f} {result['rss_gb']:>16.2f} "
+                  f"{result['private_gb']:>10.2f} {result['cpu_s']:>7.1f} {result['builds']:>6}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

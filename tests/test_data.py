@@ -38,7 +38,7 @@ def prepared(tmp_path, train, tokenizer, columns=Columns(), settings=SETTINGS):
 
 
 def rows_of(data, source: int = 0) -> dict:
-    return data.tables[source][:]
+    return data.tables[source].rows(range(len(data.tables[source])))
 
 
 # ------------------------------------------------------------------------------ reading
@@ -55,6 +55,7 @@ def test_formats_load_the_same_rows(tmp_path, tokenizer):
     expected = rows_of(prepared(tmp_path, str(jsonl), tokenizer))
     assert expected["query_hash"] == [text_hash(r["query"]) for r in rows]
     assert expected["doc_hash"][3] == [text_hash(rows[3][k]) for k in ("positive", "negative_1", "negative_2")]
+    assert expected["doc_hash"][5][0] == expected["doc_hash"][6][0]  # a shared positive: duplicate masking sees it
     for source in ("a.jsonl.gz", "a.parquet", "a.csv", "saved"):
         assert rows_of(prepared(tmp_path, str(tmp_path / source), tokenizer)) == expected, source
 
@@ -324,3 +325,21 @@ def test_text_hash_is_stable_and_64_bit():
     assert text_hash("a") == text_hash("a") != text_hash("b")
     assert -(2**63) <= text_hash("anything") < 2**63
     assert json.dumps(text_hash("x"))  # plain int
+
+
+def test_cached_rows_read_across_record_batches_in_the_order_asked(tmp_path, tokenizer, monkeypatch):
+    import pickle
+
+    from trainer.data import sources
+
+    monkeypatch.setattr(sources, "JSONL_BLOCK_BYTES", 2048)  # many small record batches
+    rows = synthetic_pairs(300, negatives=1)
+    table = prepared(tmp_path, str(write_jsonl(tmp_path / "a.jsonl", rows)), tokenizer).tables[0]
+    assert len(table._batches) > 5 and len(table) == 300
+    wanted = [299, 0, 150, 0, 17]
+    got = table.rows(wanted)
+    assert got["query_hash"] == [text_hash(rows[i]["query"]) for i in wanted]
+    assert [h[1] for h in got["doc_hash"]] == [text_hash(rows[i]["negative_1"]) for i in wanted]
+    assert pickle.loads(pickle.dumps(table)).rows(wanted) == got  # a DataLoader worker maps it again
+    with pytest.raises(IndexError):
+        table.rows([300])

@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from trainer.data.cache import CachedRows
 from trainer.data.sampling import BatchRows, GlobalBatches, _mix, hash_key
 
 
 @dataclass
 class TrainingData:
-    """The prepared sources: one memory-mapped table (a `datasets.Dataset`) and name per source."""
+    """The prepared sources: one memory-mapped table and name per source."""
 
     names: list[str]
-    tables: list  # datasets.Dataset per source, rows in file order
+    tables: list[CachedRows]  # per source, rows in file order
     min_negatives: list[int]
 
     @property
@@ -68,11 +69,11 @@ def collate(
     doc_hash = np.zeros((b, 1 + num_negatives), dtype=np.int64)
     for k in np.unique(part.source):
         where = np.flatnonzero(part.source == k)
-        records = data.tables[k][part.row[where].tolist()]
+        records = data.tables[k].rows(part.row[where])
         have = np.array([len(d) - 1 for d in records["doc_ids"]], dtype=np.int64)
         slots = chosen_slots(have, num_negatives, seed, int(k), part.row[where], part.epoch[where])
         pad_rows = _pad_rows(slots, data.sizes[k], seed, int(k), part.row[where], part.epoch[where])
-        padding = data.tables[k][pad_rows.ravel().tolist()] if pad_rows.size else None
+        padding = data.tables[k].rows(pad_rows.ravel()) if pad_rows.size else None
         for i, position in enumerate(where):
             query_ids[position], query_hash[position] = records["query_ids"][i], records["query_hash"][i]
             doc_ids[position][0], doc_hash[position, 0] = records["doc_ids"][i][0], records["doc_hash"][i][0]

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer import distributed
 from trainer.data.batches import TrainingData
-from trainer.data.cache import TokenSettings, default_cache_dir, ensure_cached, open_table
+from trainer.data.cache import CachedRows, TokenSettings, default_cache_dir, ensure_cached
 from trainer.data.records import Columns, DataError
 from trainer.data.sources import Source
 
@@ -50,16 +50,9 @@ def prepare(
         raise DataError(next(e for e in errors if e))
     if cached is None:  # the node's builder is done: these only open what it built
         cached = cache_all(progress=False)
-    tables = []
-    for source, files in zip(sources, cached):
-        parts = [open_table(f.folder) for f in files]
-        if len(parts) == 1:
-            tables.append(parts[0])
-        else:
-            import datasets
-
-            tables.append(datasets.concatenate_datasets(parts))
-        if len(tables[-1]) == 0:
+    tables = [CachedRows([f.folder for f in files]) for files in cached]
+    for source, table in zip(sources, tables):
+        if len(table) == 0:
             raise DataError(f"no training rows in {', '.join(source.paths)}")
     return TrainingData(
         names=[s.name for s in sources],
