@@ -35,6 +35,8 @@ sys.path.insert(0, str(REPO))
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=1000),
+    # A small BERT with the real (MiniLM) vocabulary: CPU runs on real text.
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, vocab_size=30522),
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522),
 }
@@ -61,13 +63,15 @@ def sync(device: str) -> None:
 
 
 def make_floor_step(args, backbone):
-    from trainer.gradcache import split_batch
+    from trainer.gradcache import plan_chunks
     from trainer.model import Encoder
 
     encoder = Encoder(backbone).to(args.device)
+    sort = getattr(args, "sort_by_length", True)
 
     def step(queries, docs):
-        chunks = split_batch(queries, args.chunk) + split_batch(docs, args.chunk)
+        # The chunks our step cuts (ordered by length unless told otherwise).
+        chunks = plan_chunks(queries, args.chunk, sort_by_length=sort)[1] + plan_chunks(docs, args.chunk, sort_by_length=sort)[1]
         with torch.autocast(args.device, dtype=args.dtype, enabled=args.dtype != torch.float32):
             with torch.no_grad():
                 for chunk in chunks:
@@ -87,7 +91,8 @@ def make_our_step(args, backbone):
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=args.device == "cuda")
     loss_fn = ContrastiveLoss(temperature=0.05, tile_size=args.tile or None)
     cached = GradCache(
-        encoder, loss_fn, chunk_size=args.chunk, autocast_dtype=None if args.dtype == torch.float32 else args.dtype
+        encoder, loss_fn, chunk_size=args.chunk, autocast_dtype=None if args.dtype == torch.float32 else args.dtype,
+        sort_by_length=getattr(args, "sort_by_length", True),
     )
 
     def step(queries, docs):
@@ -119,10 +124,17 @@ def make_st_step(args, backbone):
     loss_fn = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.device == "cuda")
 
+    # As its trainer runs it, backward outside autocast (its re-embedding then runs in fp32), or
+    # with backward moved inside autocast (the known fix).
+    backward_in_autocast = getattr(args, "st_backward_in_autocast", False)
+
     def step(queries, docs):
         with torch.autocast(args.device, dtype=args.dtype, enabled=args.dtype != torch.float32):
             loss = loss_fn([dict(queries), dict(docs)], labels=None)
-        loss.backward()
+            if backward_in_autocast:
+                loss.backward()
+        if not backward_in_autocast:
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

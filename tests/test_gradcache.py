@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.tiny import token_batch, tiny_encoder
-from trainer.gradcache import GradCache, split_batch
+from trainer.gradcache import GradCache, plan_chunks, split_batch
 from trainer.losses import ContrastiveLoss
 
 BATCH, NEGATIVES, CHUNK = 8, 1, 3
@@ -26,12 +26,19 @@ def assert_same_grads(a, b, atol=1e-5):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def one_graph_chunked_grads(encoder, loss_fn, queries, docs, seed):
+def in_chunks(encoder, batch, sort_by_length=True):
+    """The batch embedded chunk by chunk as the step cuts it, rows back in the batch's order."""
+    order, chunks = plan_chunks(batch, CHUNK, sort_by_length=sort_by_length)
+    out = torch.cat([encoder(**c) for c in chunks])
+    return out if order is None else out[order.argsort()]
+
+
+def one_graph_chunked_grads(encoder, loss_fn, queries, docs, seed, sort_by_length=True):
     """The reference for dropout: the same chunks forwarded in order, all kept in one autograd
     graph (no caching), after the same seed, so dropout draws the same masks."""
     torch.manual_seed(seed)
-    q = torch.cat([encoder(**c) for c in split_batch(queries, CHUNK)])
-    d = torch.cat([encoder(**c) for c in split_batch(docs, CHUNK)]).view(BATCH, 1 + NEGATIVES, -1)
+    q = in_chunks(encoder, queries, sort_by_length)
+    d = in_chunks(encoder, docs, sort_by_length).view(BATCH, 1 + NEGATIVES, -1)
     loss = loss_fn(q, d)
     loss.backward()
     return loss.detach(), grads_of(encoder)
@@ -48,16 +55,17 @@ def test_cached_step_equals_plain_full_batch_step_without_dropout(preset):
     assert_same_grads(grads_of(cached_encoder), grads_of(plain_encoder))
 
 
-def test_cached_step_replays_dropout_masks():
+@pytest.mark.parametrize("sort_by_length", [True, False])
+def test_cached_step_replays_dropout_masks(sort_by_length):
     queries, docs = batches()
     loss_fn = ContrastiveLoss()
     reference_encoder = tiny_encoder(dropout=0.1)
-    ref_loss, ref_grads = one_graph_chunked_grads(reference_encoder, loss_fn, queries, docs, seed=7)
+    ref_loss, ref_grads = one_graph_chunked_grads(reference_encoder, loss_fn, queries, docs, 7, sort_by_length)
     after_reference = torch.rand(4)
 
     encoder = tiny_encoder(dropout=0.1)
     torch.manual_seed(7)
-    out = GradCache(encoder, loss_fn, chunk_size=CHUNK)(queries, docs)
+    out = GradCache(encoder, loss_fn, chunk_size=CHUNK, sort_by_length=sort_by_length)(queries, docs)
     after_step = torch.rand(4)
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=0)
     assert_same_grads(grads_of(encoder), ref_grads)
@@ -120,3 +128,55 @@ def test_bad_document_count_is_a_clear_error():
     queries, _ = batches()
     with pytest.raises(ValueError, match="expected b \\* \\(1 \\+ n\\) documents"):
         GradCache(tiny_encoder(), ContrastiveLoss(), chunk_size=3)(queries, token_batch(BATCH + 1, 8, 0))
+
+
+@pytest.mark.parametrize("preset", ["infonce", "gte"])
+def test_length_ordered_and_token_budget_chunks_give_the_unordered_gradients(preset):
+    """Ordering by length (and cutting by tokens) changes what shares a chunk, never the result:
+    the loss sees the embeddings in the batch's order."""
+    queries, docs = batches(seed=3)
+    loss_fn = ContrastiveLoss.from_preset(preset)
+    results = {}
+    for name, kwargs in {
+        "unordered": dict(chunk_size=CHUNK, sort_by_length=False),
+        "ordered": dict(chunk_size=CHUNK),
+        "tokens": dict(chunk_tokens=40),
+        "tokens+rows": dict(chunk_size=2, chunk_tokens=40),
+    }.items():
+        encoder = tiny_encoder()
+        out = GradCache(encoder, loss_fn, **kwargs)(queries, docs)
+        results[name] = (out, grads_of(encoder))
+    base_out, base_grads = results["unordered"]
+    for name, (out, grads) in results.items():
+        torch.testing.assert_close(out.loss, base_out.loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.query_embeddings, base_out.query_embeddings, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.doc_embeddings, base_out.doc_embeddings, atol=1e-5, rtol=1e-5)
+        assert_same_grads(grads, base_grads)
+
+
+def test_token_budget_chunks_respect_the_budget_and_ordering_cuts_padding():
+    batch = token_batch(64, 40, seed=4)
+    lengths = batch["attention_mask"].sum(1)
+    order, chunks = plan_chunks(batch, chunk_tokens=200)
+    assert torch.equal(lengths[order], lengths.sort(descending=True, stable=True).values)
+    assert sum(c["input_ids"].shape[0] for c in chunks) == 64
+    for chunk in chunks:
+        rows, width = chunk["input_ids"].shape
+        assert rows * width <= 200 or rows == 1
+        assert width == int(chunk["attention_mask"].sum(1).max())  # trimmed to its longest row
+    assert len({c["input_ids"].shape[0] for c in chunks}) > 1  # short texts go in bigger chunks
+    # The rows are the batch's, in `order`.
+    assert torch.equal(torch.cat([c["input_ids"][:, :1] for c in chunks]), batch["input_ids"][order, :1])
+
+    def padding(chunks):
+        total = sum(c["attention_mask"].numel() for c in chunks)
+        return 1 - sum(int(c["attention_mask"].sum()) for c in chunks) / total
+
+    unordered = padding(split_batch(batch, 8))
+    ordered = padding(plan_chunks(batch, 8)[1])
+    assert ordered < unordered / 3, (ordered, unordered)
+
+
+def test_bad_chunk_tokens_is_a_clear_error():
+    with pytest.raises(ValueError, match="chunk_tokens must be > 0"):
+        GradCache(tiny_encoder(), ContrastiveLoss(), chunk_tokens=0)

@@ -82,6 +82,9 @@ class ModelConfig:
     """Prepended to every document (e.g. 'passage: ')."""
     dropout: Optional[float] = None
     """If set, overrides the model's hidden and attention dropout probabilities."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel passed to transformers: sdpa, eager, flash_attention_2 (if installed)...;
+    None = transformers' default for the model (sdpa where supported)."""
 
 
 @dataclass
@@ -143,7 +146,14 @@ class LossConfig:
 @dataclass
 class GradCacheConfig:
     chunk_size: int = 0
-    """Texts per forward pass on each rank; 0 turns GradCache off (one plain forward/backward)."""
+    """Texts per forward pass on each rank; 0 (and no chunk_tokens) turns GradCache off (one
+    plain forward/backward)."""
+    chunk_tokens: Optional[int] = None
+    """Also cap each chunk at this many padded tokens (rows x its longest row): short texts go
+    in big chunks, long ones in small; activation memory is bounded by tokens."""
+    sort_by_length: bool = True
+    """Order each rank's texts by length before chunking (far less padding); the loss sees the
+    embeddings in the batch's order, so the result is the same."""
 
 
 @dataclass
@@ -178,6 +188,9 @@ class TrainerConfig:
     stop_after_step: Optional[int] = None
     """Stop cleanly after this step (its checkpoint written first), e.g. to time-box a job;
     running the same command again resumes."""
+    compile: bool = False
+    """torch.compile the encoder's transformer (dynamic shapes; compiled in place, so
+    checkpoints and the exported model are unchanged). Pays off on GPUs, not on CPUs."""
 
 
 @dataclass

@@ -99,8 +99,14 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
 
     # 2. Model, optimizer, schedule (the backend's), loss, step.
     torch.manual_seed(cfg.trainer.seed)
-    encoder = Encoder.from_pretrained(cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout)
+    hf_kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    encoder = Encoder.from_pretrained(
+        cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout, **hf_kwargs
+    )
     encoder.to(device).train()
+    if cfg.trainer.compile:
+        # In place (nn.Module.compile): parameter names, checkpoints and the export stay as they are.
+        encoder.backbone.compile(dynamic=True)
     backend = create_backend(backend_name, encoder, device, cfg, total_steps, **backend_kwargs)
     loss_fn = ContrastiveLoss(
         temperature=cfg.loss.temperature,
@@ -111,7 +117,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         tile_size=cfg.loss.tile_size,
     )
     step_fn = GradCache(
-        backend.model, loss_fn, cfg.grad_cache.chunk_size, autocast_dtype=autocast_dtype, grad_scaler=backend.grad_scaler
+        backend.model, loss_fn, cfg.grad_cache.chunk_size, chunk_tokens=cfg.grad_cache.chunk_tokens,
+        sort_by_length=cfg.grad_cache.sort_by_length, autocast_dtype=autocast_dtype, grad_scaler=backend.grad_scaler,
     )
 
     # 3. Resume, or start fresh with a per-rank dropout seed.

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.tiny import token_batch, tiny_encoder
 from trainer import distributed
-from trainer.gradcache import GradCache, split_batch
+from trainer.gradcache import GradCache, plan_chunks
 from trainer.losses import ContrastiveLoss
 
 env = distributed.init_distributed()
@@ -92,8 +92,10 @@ q_parts, d_parts = [], []
 for rank in range(W):
     rank_rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
     torch.manual_seed(100 + rank)
-    q_parts += [reference(**c) for c in split_batch({k: v[rank_rows] for k, v in queries_all.items()}, CHUNK)]
-    d_parts += [reference(**c) for c in split_batch({k: v[rank_rows] for k, v in docs_all.items()}, CHUNK)]
+    for side, parts in ((queries_all, q_parts), (docs_all, d_parts)):
+        # The step's own chunks (its texts ordered by length), put back in the batch's order.
+        order, chunks = plan_chunks({k: v[rank_rows] for k, v in side.items()}, CHUNK)
+        parts.append(torch.cat([reference(**c) for c in chunks])[order.argsort()])
 ContrastiveLoss(gather=False)(torch.cat(q_parts), torch.cat(d_parts)).backward()
 assert_close(grads(encoder), grads(reference), "dropout replay")
 
