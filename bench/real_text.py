@@ -7,6 +7,8 @@ cache and collate, MiniLM tokenizer, queries <= 32 and documents <= 128 tokens),
   st            sentence-transformers' CachedMultipleNegativesRankingLoss + AdamW, as its
                 trainer runs it (backward outside autocast)
   st-autocast   the same with backward moved inside autocast
+  ours-eager    ours with eager attention (model.attn_implementation=eager; the default is
+                transformers' own, sdpa for BERT), on request
   ours-compiled ours with the transformer under torch.compile (dynamic shapes), on request
 
 Figures: pairs/s, real (non-padding) tokens/s, the padding fraction of the tokens the encoder
@@ -38,8 +40,8 @@ sys.path[:0] = [str(REPO), str(BENCH)]
 
 import cached_step  # noqa: E402  (the shared model shapes and step builders)
 
-METHODS = ("floor", "ours", "ours-unordered", "st", "st-autocast", "ours-compiled")
-DEFAULT_METHODS = METHODS[:5]  # ours-compiled (trainer.compile=true) on request: its compile takes minutes
+METHODS = ("floor", "ours", "ours-unordered", "st", "st-autocast", "ours-eager", "ours-compiled")
+DEFAULT_METHODS = METHODS[:5]  # the encoder variants on request (ours-compiled compiles for minutes)
 DEBIAN = [REPO.parent / "shared/data/debian-descriptions/train.jsonl.gz", REPO / "data/debian-sample/train.jsonl.gz"]
 
 
@@ -93,9 +95,12 @@ def measure_one(args) -> dict:
     backbone = cached_step.build_backbone(args.shape)
     if args.one == "ours-compiled":
         backbone.compile(dynamic=True)  # as trainer.compile=true does; the warm-up step compiles
+    if args.one == "ours-eager":
+        backbone.config._attn_implementation = "eager"  # read by every attention layer at forward time
     builder = {"floor": cached_step.make_floor_step, "ours": cached_step.make_our_step,
                "ours-unordered": cached_step.make_our_step, "st": cached_step.make_st_step,
-               "st-autocast": cached_step.make_st_step, "ours-compiled": cached_step.make_our_step}[args.one]
+               "st-autocast": cached_step.make_st_step, "ours-eager": cached_step.make_our_step,
+               "ours-compiled": cached_step.make_our_step}[args.one]
     step = builder(args, backbone)
     step(*batches[0])  # warm-up: allocator, kernels, optimizer state
     cached_step.sync(args.device)
