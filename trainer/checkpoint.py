@@ -32,6 +32,8 @@ class TrainerState:
 
     step: int  # optimizer steps completed
     wandb_id: str | None = None
+    early_stopping: dict | None = None  # EarlyStopping.state_dict() at this step
+    stopped_early: bool = False  # the run ended here on a plateau: there is nothing left to do
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -157,6 +157,17 @@ class GradCacheConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = None
+    """Stop after this many evaluations in a row without improvement, and export the best
+    evaluation's model rather than the last (needs eval.data and eval.every); null = off."""
+    min_delta: float = 0.0
+    """An evaluation improves only if it beats the best so far by more than this."""
+    metric: str = "ndcg@10"
+    """The evaluation figure watched: ndcg@10, recall@10 or mrr@10."""
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 0
     """Optimizer steps to run; 0 = `epochs` full passes over the data."""
@@ -192,6 +203,11 @@ class TrainerConfig:
     """torch.compile the encoder's transformer (dynamic shapes; compiled in place, so
     checkpoints and the exported model are unchanged). The first steps pay for compiling, and
     on a CPU it was slower (0.76x); measure it with bench/real_text.py --methods ours ours-compiled."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Stop on a plateau of the evaluation curve (see its keys)."""
+    dist_timeout_min: float = 30.0
+    """How long a collective waits for the slowest rank before the job fails (the process
+    group's timeout); raise it if a rank has long work of its own (e.g. exporting a huge model)."""
 
 
 @dataclass

@@ -111,6 +111,16 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     return info
 
 
+def set_timeout(minutes: float) -> None:
+    """Change how long the process group's collectives wait (a no-op for a single process).
+
+    The group is joined before the run's config is read (the ranks must agree on the run dir
+    first), so the configured timeout is applied afterwards.
+    """
+    if dist.is_initialized():
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(minutes=minutes))
+
+
 def teardown() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_initialized():

@@ -1,5 +1,11 @@
-"""Retrieval evaluation on a BEIR-layout folder: exact search by a matrix product, then
-NDCG@10, recall@10 and MRR@10 over the queries that have relevance judgements."""
+"""Retrieval evaluation on a BEIR-layout folder: exact search, then NDCG@10, recall@10 and MRR@10
+over the queries that have relevance judgements.
+
+Every rank embeds its share of the queries and of the corpus and searches its share chunk by
+chunk (search.py), so memory per rank is bounded and no rank idles while another works: the
+ranks' top-10 lists are merged and the figures are those of a single-process exact search.
+`python -m trainer.evaluate model=PATH data=BEIR_DIR` (evaluate_app.py) runs it on its own.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trainer.data import DataError, jsonl_records
+from trainer.search import embed_shard, gather_rows, merge_ranks, plan_batches, topk_search
 
 
 @dataclass
@@ -62,11 +68,15 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
 
 def retrieval_metrics(scores: torch.Tensor, data: BeirSet, k: int = 10) -> dict[str, float]:
     """scores: (queries, corpus). Mean NDCG@k (graded), recall@k and MRR@k over the queries."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1).indices.tolist()
+    return ranking_metrics(scores.topk(min(k, scores.shape[1]), dim=1).indices.tolist(), data, k)
+
+
+def ranking_metrics(top: list[list[int]], data: BeirSet, k: int = 10) -> dict[str, float]:
+    """top[i]: the corpus indices ranked first for query i, best first (-1 = none)."""
     ndcg = recall = mrr = 0.0
     for row, query_id in enumerate(data.query_ids):
         relevant = {doc: grade for doc, grade in data.qrels[query_id].items() if grade > 0}
-        ranked = [data.corpus_ids[i] for i in top[row]]
+        ranked = [data.corpus_ids[i] if i >= 0 else None for i in top[row][:k]]
         dcg = sum(relevant.get(doc, 0) / math.log2(rank + 2) for rank, doc in enumerate(ranked))
         ideal = sum(g / math.log2(rank + 2) for rank, g in enumerate(sorted(relevant.values(), reverse=True)[:k]))
         ndcg += dcg / ideal if ideal else 0.0
@@ -76,25 +86,29 @@ def retrieval_metrics(scores: torch.Tensor, data: BeirSet, k: int = 10) -> dict[
     return {f"ndcg@{k}": ndcg / n, f"recall@{k}": recall / n, f"mrr@{k}": mrr / n}
 
 
-@torch.no_grad()
-def embed_texts(embed_batch: Callable[[list[str]], torch.Tensor], texts: list[str], batch_size: int) -> torch.Tensor:
-    """Normalised embeddings of texts, batched longest-first so padding is small."""
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        vectors = F.normalize(embed_batch([texts[i] for i in index]).float(), dim=-1).cpu()
-        for i, vector in zip(index, vectors):
-            out[i] = vector
-    return torch.stack(out)
-
-
 def evaluate(
     embed_queries: Callable[[list[str]], torch.Tensor],
     embed_docs: Callable[[list[str]], torch.Tensor],
     data: BeirSet,
     batch_size: int = 128,
+    k: int = 10,
+    lockstep: bool = False,
+    progress: bool = False,
 ) -> dict[str, float]:
-    queries = embed_texts(embed_queries, data.query_texts, batch_size)
-    corpus = embed_texts(embed_docs, data.corpus_texts, batch_size)
-    return retrieval_metrics(queries @ corpus.T, data)
+    """The metrics, on every rank (a collective: every rank calls it with the same data).
+
+    lockstep: every rank runs the same number of forwards (ZeRO-3, where a forward is collective).
+    """
+    from trainer import distributed
+
+    if not data.query_ids or not data.corpus_ids:
+        raise DataError("the evaluation set has no judged queries or no documents")
+    world = distributed.world_size()
+    query_plan = plan_batches(data.query_texts, batch_size, world)
+    _, local_queries = embed_shard(embed_queries, data.query_texts, query_plan, lockstep, "embed queries" if progress else None)
+    queries = gather_rows(local_queries, query_plan, len(data.query_texts))
+    doc_plan = plan_batches(data.corpus_texts, batch_size, world)
+    doc_ids, docs = embed_shard(embed_docs, data.corpus_texts, doc_plan, lockstep, "embed corpus" if progress else None)
+    scores, ids = topk_search(queries, docs, torch.as_tensor(doc_ids), k)
+    scores, ids = merge_ranks(scores, ids)
+    return ranking_metrics(ids.tolist(), data, k)

@@ -123,6 +123,11 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def summary(self, values: dict) -> None:
+        """Figures that describe the whole run (e.g. the best step), in W&B's run summary."""
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

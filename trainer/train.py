@@ -26,6 +26,7 @@ from trainer.data import (
     Columns, GlobalBatches, StepBatches, TokenSettings, parse_sources, prepare, resolve_num_negatives, source_weights,
 )
 from trainer.deepspeed_config import build_config, resolve_backend
+from trainer.early_stopping import EarlyStopping
 from trainer.evaluate import evaluate, load_beir
 from trainer.gradcache import GradCache, StepOutput
 from trainer.losses import PRESETS, ContrastiveLoss
@@ -33,6 +34,7 @@ from trainer.metrics import RunLogger, alignment, embedding_std, uniformity
 from trainer.model import Encoder, load_tokenizer
 from trainer.preemption import StopRequest
 
+BEST_MODEL = "best-model"  # with early stopping: the best evaluation's model so far
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -67,6 +69,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     if not env.is_main:  # one progress display per job: rank 0's
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    distributed.set_timeout(cfg.trainer.dist_timeout_min)
     device = _device(cfg.trainer.device, env.local_rank)
     autocast_dtype = AUTOCAST_DTYPES[cfg.trainer.precision.value]
     run_dir = Path(run_dir)
@@ -76,6 +79,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     train_spec = cfg.data.train
     sources = parse_sources(OmegaConf.to_container(train_spec) if OmegaConf.is_config(train_spec) else train_spec)
     eval_set = load_beir(cfg.eval.data) if cfg.eval.data else None
+    early_stopping = _early_stopping(cfg)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     settings = TokenSettings(
         cfg.model.query_max_length, cfg.model.doc_max_length, cfg.model.query_prefix, cfg.model.doc_prefix
@@ -126,11 +130,14 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     if latest is not None:
         state = checkpoint.load(latest, backend.load_state)
         _say(f"resuming from {latest} (step {state.step})")
+        if early_stopping is not None and state.early_stopping is not None:
+            early_stopping.load_state_dict(state.early_stopping)
     else:
         state = checkpoint.TrainerState(step=0)
         torch.manual_seed(cfg.trainer.seed + env.rank)
-    if state.step >= total_steps and (run_dir / "model").exists():
-        _say(f"{run_dir} is already complete ({state.step} steps); nothing to do")
+    if (state.step >= total_steps or state.stopped_early) and (run_dir / "model").exists():
+        how = " (stopped early)" if state.stopped_early else ""
+        _say(f"{run_dir} is already complete ({state.step} steps{how}); nothing to do")
         return None
     logger = RunLogger(
         run_dir,
@@ -144,35 +151,43 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     )
 
     def run_eval(step: int) -> dict | None:
+        """Every rank embeds and searches its share of the eval set (a collective); with early
+        stopping, a new best is exported to best-model/ at once."""
         if eval_set is None:
             return None
-        result = None
-        # The eval set is small: one rank embeds it while the others wait. Under ZeRO-3 no rank
-        # holds whole weights, so all ranks run the same forwards and rank 0 reports.
-        if env.is_main or backend.partitions_parameters:
-            encoder.eval()
-            result = evaluate(
-                _text_embedder(encoder, tokenizer, cfg.model.query_prefix, cfg.model.query_max_length, device, autocast_dtype),
-                _text_embedder(encoder, tokenizer, cfg.model.doc_prefix, cfg.model.doc_max_length, device, autocast_dtype),
-                eval_set,
-                cfg.eval.batch_size,
-            )
-            encoder.train()
+        encoder.eval()
+        result = evaluate(
+            _text_embedder(encoder, tokenizer, cfg.model.query_prefix, cfg.model.query_max_length, device, autocast_dtype),
+            _text_embedder(encoder, tokenizer, cfg.model.doc_prefix, cfg.model.doc_max_length, device, autocast_dtype),
+            eval_set,
+            cfg.eval.batch_size,
+            lockstep=backend.partitions_parameters,
+        )
+        encoder.train()
         if env.is_main:
             logger.log_eval({"step": step, **result})
             tqdm.write(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if early_stopping is not None and early_stopping.update(step, result):
+            _export(backend, tokenizer, cfg, run_dir / BEST_MODEL, env.is_main)
+            if env.is_main:
+                best = {"step": step, "metric": early_stopping.metric, "value": result[early_stopping.metric]}
+                (run_dir / "best.json").write_text(json.dumps(best) + "\n")
+                logger.summary({"best_step": step, f"best/{early_stopping.metric}": best["value"]})
         distributed.barrier()
         return result
 
-    def save_checkpoint(step: int) -> None:
-        state.step, state.wandb_id = step, logger.wandb_id
+    def save_checkpoint(step: int, stopped_early: bool = False) -> None:
+        state.step, state.wandb_id, state.stopped_early = step, logger.wandb_id, stopped_early
+        state.early_stopping = early_stopping.state_dict() if early_stopping is not None else None
         checkpoint.save(run_dir, state, backend.save_state, keep=cfg.checkpoint.keep)
 
     # 4. The loop.
     if state.step == 0:
         run_eval(0)
+    plateau = state.stopped_early  # a run that stopped early and crashed before its export: finish it
+    end_step = state.step if plateau else total_steps
     loader = torch.utils.data.DataLoader(
-        StepBatches(data, batches, tokenizer, num_negatives, state.step, total_steps),
+        StepBatches(data, batches, tokenizer, num_negatives, state.step, end_step),
         batch_size=None,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
@@ -198,10 +213,11 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
             last_time, last_step = time.perf_counter(), step
         if cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
             run_eval(step)
+            plateau = early_stopping is not None and early_stopping.should_stop
         signalled = stop_request.agreed()  # every rank sees the same answer at the same step
-        stopping = step != total_steps and (signalled or cfg.trainer.stop_after_step == step)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or step == total_steps:
-            save_checkpoint(step)
+        stopping = step != total_steps and not plateau and (signalled or cfg.trainer.stop_after_step == step)
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping or plateau or step == total_steps:
+            save_checkpoint(step, stopped_early=plateau)
         if stopping:
             progress.close()
             reason = "on a stop signal" if signalled else "as asked (trainer.stop_after_step)"
@@ -209,27 +225,60 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
             logger.finish()
             stop_request.hand_over()  # e.g. submitit requeues the job here
             return None
+        if plateau:
+            break
     progress.close()
     stop_request.restore()
 
     # 5. The model (whole, whatever the sharding), the last evaluation, the summary.
-    tmp, final = run_dir / "model.tmp", run_dir / "model"
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    backend.export(tmp, tokenizer, max_seq_length=cfg.model.doc_max_length)
-    if env.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+    final = run_dir / "model"
+    if early_stopping is None:
+        _export(backend, tokenizer, cfg, final, env.is_main)
+        result = run_eval(total_steps)
+    else:
+        # The best evaluation's model, which the last evaluation may yet replace.
+        result = None if plateau else run_eval(total_steps)
+        if env.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            (run_dir / BEST_MODEL).rename(final)
+            logger.summary({"stopped_early": plateau, "stopped_at_step": state.step})
+        _say(
+            (f"stopped early after step {state.step}: " if plateau else f"finished {total_steps} steps; ")
+            + f"{early_stopping.reason() if plateau else f'best {early_stopping.metric} {early_stopping.best:.4f} at step {early_stopping.best_step}'}"
+            + f"; {final} holds the model of step {early_stopping.best_step}"
+        )
     distributed.barrier()
-    result = run_eval(total_steps)
-    if env.is_main and result is not None:
+    if env.is_main and eval_set is not None:
         evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
         first = next((e for e in evals if e["step"] == 0), None)
         before = f"{first['ndcg@10']:.4f}" if first else "n/a"
-        print(f"NDCG@10 before {before} -> after {result['ndcg@10']:.4f}; model saved to {run_dir / 'model'}", flush=True)
+        kept_step = early_stopping.best_step if early_stopping is not None else total_steps
+        kept = next(e for e in reversed(evals) if e["step"] == kept_step)
+        print(f"NDCG@10 before {before} -> after {kept['ndcg@10']:.4f}; model saved to {final}", flush=True)
+        result = result or kept
     logger.finish()
     return result
+
+
+def _export(backend, tokenizer, cfg, folder: Path, is_main: bool) -> None:
+    """The whole model into folder, written beside it and renamed: a crash leaves the old one."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    backend.export(tmp, tokenizer, max_seq_length=cfg.model.doc_max_length)
+    if is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    distributed.barrier()
+
+
+def _early_stopping(cfg) -> EarlyStopping | None:
+    settings = cfg.trainer.early_stopping
+    if settings.patience is None:
+        return None
+    if not cfg.eval.data or not cfg.eval.every:
+        raise ValueError("trainer.early_stopping needs an evaluation curve: set eval.data and eval.every (steps between evaluations)")
+    return EarlyStopping(metric=settings.metric, patience=settings.patience, min_delta=settings.min_delta)
 
 
 def _backend_settings(cfg, world_size: int) -> tuple[str, dict]:
