@@ -40,3 +40,81 @@ def test_missing_beir_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="queries.jsonl: no such file"):
         (tmp_path / "corpus.jsonl").write_text("")
         load_beir(tmp_path)
+
+
+def test_chunked_topk_equals_the_full_matrix():
+    from trainer.search import topk_search
+
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.nn.functional.normalize(torch.randn(37, 8, generator=gen, dtype=torch.float64), dim=-1)
+    docs = torch.nn.functional.normalize(torch.randn(211, 8, generator=gen, dtype=torch.float64), dim=-1)
+    ids = torch.randperm(211, generator=gen) + 1000  # a shard's global ids, in any order
+    full = queries @ docs.T
+    expected = full.topk(10, dim=1)
+    for chunk_elements in (1, 50, 3000, 1 << 24):  # one score at a time .. everything at once
+        scores, got = topk_search(queries, docs, ids, 10, chunk_elements=chunk_elements)
+        torch.testing.assert_close(scores, expected.values, rtol=0, atol=1e-15)  # BLAS rounds by shape
+        assert torch.equal(got, ids[expected.indices])
+    scores, got = topk_search(queries, docs[:3], ids[:3], 5)  # fewer documents than k: padded
+    assert torch.isinf(scores[:, 3:]).all() and (got[:, 3:] == -1).all()
+
+
+def test_candidate_scores_equal_brute_force():
+    from trainer.search import score_candidates
+
+    gen = torch.Generator().manual_seed(1)
+    queries, docs = torch.randn(9, 4, generator=gen), torch.randn(30, 4, generator=gen)
+    candidates = torch.randint(0, 30, (9, 6), generator=gen)
+    candidates[0, 2] = -1
+    got = score_candidates(queries, candidates, docs, torch.arange(30), 30, chunk_elements=7)
+    expected = torch.einsum("qd,qcd->qc", queries, docs[candidates.clamp(min=0)])
+    assert torch.isnan(got[0, 2])
+    mask = candidates >= 0
+    torch.testing.assert_close(got[mask], expected[mask])
+
+
+def test_batches_are_the_same_whatever_the_number_of_ranks():
+    from trainer.search import plan_batches
+
+    texts = [f"{'x' * (i % 17)}" for i in range(100)]
+    one, three = plan_batches(texts, 8, 1), plan_batches(texts, 8, 3)
+    assert [b.tolist() for b in one.batches] == [b.tolist() for b in three.batches]
+    shares = [set(three.rank_indices(r).tolist()) for r in range(3)]
+    assert set().union(*shares) == set(range(100)) and sum(map(len, shares)) == 100
+    assert max(len(three.rank_batches(r)) for r in range(3)) == three.batches_per_rank == 5
+
+
+def test_sharded_evaluation_equals_single_process(tmp_path):
+    """`python -m trainer.evaluate` on 2 ranks (each embeds and searches half) prints and writes
+    the figures of 1 rank, and of a brute-force search over the whole matrix."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.tiny import REPO, write_tiny_model
+    from trainer.model import Encoder, load_tokenizer, text_embedder
+
+    model = write_tiny_model(tmp_path / "model")
+    data_dir = write_beir(tmp_path / "dev", synthetic_pairs(60, seed=3))
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    outputs = {}
+    for nproc in (1, 2):
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        out = tmp_path / f"eval-{nproc}.json"
+        proc = subprocess.run(
+            [*launcher, "-m", "trainer.evaluate", f"model={model}", f"data={data_dir}", "batch_size=7", f"output={out}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "ndcg@10" in proc.stdout
+        outputs[nproc] = json.loads(out.read_text())
+    assert outputs[1] == outputs[2]
+    encoder, tokenizer = Encoder.from_pretrained(str(model)).eval(), load_tokenizer(str(model))
+    embed = text_embedder(encoder, tokenizer, "", 128, torch.device("cpu"))
+    data = load_beir(data_dir)
+    with torch.no_grad():
+        q = torch.nn.functional.normalize(embed(data.query_texts), dim=-1)
+        d = torch.nn.functional.normalize(embed(data.corpus_texts), dim=-1)
+    brute = retrieval_metrics(q @ d.T, data)
+    assert outputs[1] == pytest.approx(brute, abs=1e-9)
+    assert not list(tmp_path.glob("outputs")) and not list(tmp_path.glob("*.log"))  # a tool writes only its output

@@ -19,8 +19,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from trainer import config, distributed
+from trainer.apps import CONF_DIR
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _agreed_run_stamp() -> str:
@@ -33,7 +33,8 @@ def _agreed_run_stamp() -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
     from trainer.data import DataError
-    from trainer.train import fail, train
+    from trainer.apps import fail
+    from trainer.train import train
 
     hydra_cfg = HydraConfig.get()
     # Runs of one multirun sweep share a W&B group named after the sweep, unless one is given.

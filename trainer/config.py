@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 
 class Pooling(str, Enum):
@@ -270,6 +271,103 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+@dataclass
+class EvaluateConfig:
+    """`python -m trainer.evaluate` (conf/tools/evaluate.yaml)."""
+
+    model: str = MISSING
+    """The model to evaluate: a saved folder (e.g. a run's model/), an installed model package or
+    a hub name."""
+    data: str = MISSING
+    """A BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+    split: str = "test"
+    """Which qrels file: qrels/<split>.tsv."""
+    pooling: Optional[Pooling] = None
+    """mean, cls or last_token; None = the saved model's own (else mean)."""
+    query_prefix: str = ""
+    """Prepended to every query (as in training: model.query_prefix)."""
+    doc_prefix: str = ""
+    """Prepended to every document (as in training: model.doc_prefix)."""
+    query_max_length: int = 32
+    """Queries are truncated to this many tokens (as in training)."""
+    doc_max_length: int = 128
+    """Documents are truncated to this many tokens (as in training)."""
+    batch_size: int = 128
+    """Texts per forward pass."""
+    precision: Precision = Precision.fp32
+    """fp32, or autocast in bf16 / fp16."""
+    device: str = "auto"
+    """auto, cpu or cuda (each rank its own GPU under torchrun)."""
+    output: Optional[str] = None
+    """Also write the figures to this JSON file."""
+
+
+class Retriever(str, Enum):
+    bm25 = "bm25"
+    dense = "dense"
+    hybrid = "hybrid"
+
+
+class NegativeSampling(str, Enum):
+    top = "top"
+    random = "random"
+
+
+@dataclass
+class MineConfig:
+    """`python -m trainer.mine` (conf/tools/mine.yaml): hard negatives for training pairs."""
+
+    input: str = MISSING
+    """Training pairs, in any format data.train reads (.jsonl, .jsonl.gz, .parquet, .csv, a
+    save_to_disk folder, a hub name)."""
+    output: str = MISSING
+    """Where the mined rows go: .jsonl, .jsonl.gz or .parquet. Never overwritten unless overwrite=true."""
+    overwrite: bool = False
+    """Replace an existing output file."""
+    corpus: Optional[Any] = None
+    """More candidate documents besides the input's positives: a BEIR corpus.jsonl ({title, text}),
+    a .jsonl of {text}, a .txt file (one document per line), or a list of these."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The embedder that retrieves (dense, hybrid) and scores every candidate for the filter."""
+    retriever: Retriever = Retriever.hybrid
+    """bm25 (lexical, the bm25s package), dense (the model), or hybrid (both, fused by reciprocal rank)."""
+    num_negatives: int = 5
+    """Negatives per output row; rows with fewer survivors are dropped (and counted)."""
+    range_min: int = 0
+    """Skip the first range_min candidates of each query (the likeliest unlabelled positives)."""
+    range_max: int = 100
+    """Consider candidates up to this rank. Ranks count after removing the query's own positives
+    and the query text."""
+    max_score_ratio: Optional[float] = 0.95
+    """Drop a candidate whose cosine with the query exceeds this times the positive's (NV-Retriever's
+    TopK-PercPos); null = off."""
+    margin: Optional[float] = None
+    """Also drop a candidate whose cosine exceeds the positive's minus this margin; null = off."""
+    sampling: NegativeSampling = NegativeSampling.top
+    """top: the best-ranked survivors; random: a seeded random choice among them (kept in rank order)."""
+    seed: int = 42
+    """Seeds sampling=random."""
+    rrf_k: int = 60
+    """Reciprocal rank fusion constant: a candidate scores the sum of 1 / (rrf_k + rank) over retrievers."""
+    batch_size: int = 128
+    """Texts per forward pass when embedding."""
+    embeddings_cache: Optional[str] = None
+    """A folder where the candidate documents' embeddings are kept and reused by later runs with the
+    same model, texts and settings; null = not kept."""
+    query_column: str = "query"
+    """Column holding the query text."""
+    positive_column: str = "positive"
+    """Column holding the positive document text."""
+    precision: Precision = Precision.fp32
+    """fp32, or autocast in bf16 / fp16 when embedding."""
+    device: str = "auto"
+    """auto, cpu or cuda (each rank its own GPU under torchrun)."""
+
+
 def register() -> None:
-    """Make the schema known to Hydra as `base_config` (conf/config.yaml's first default)."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+    """Make the schemas known to Hydra: `base_config` (conf/config.yaml's first default),
+    `evaluate_schema` (conf/tools/evaluate.yaml) and `mine_schema` (conf/tools/mine.yaml)."""
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="mine_schema", node=MineConfig)

@@ -35,7 +35,7 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirSet:
     folder = Path(folder)
     for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
         if not (folder / name).exists():
-            raise DataError(f"{folder / name}: no such file (eval.data must be a BEIR-layout folder)")
+            raise DataError(f"{folder / name}: no such file (expected a BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
     corpus = _read_jsonl(folder / "corpus.jsonl", ("_id", "text"))
     queries = _read_jsonl(folder / "queries.jsonl", ("_id", "text"))
     qrels: dict[str, dict[str, int]] = {}
@@ -112,3 +112,41 @@ def evaluate(
     scores, ids = topk_search(queries, docs, torch.as_tensor(doc_ids), k)
     scores, ids = merge_ranks(scores, ids)
     return ranking_metrics(ids.tolist(), data, k)
+
+
+def _run(cfg) -> None:
+    from trainer import distributed
+    from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, text_embedder
+
+    data = load_beir(cfg.data, cfg.split)
+    device = resolve_device(cfg.device, distributed.read_env().local_rank)
+    encoder = Encoder.from_pretrained(cfg.model, pooling=cfg.pooling.value if cfg.pooling else None).to(device).eval()
+    tokenizer = load_tokenizer(cfg.model)
+    dtype = AUTOCAST_DTYPES[cfg.precision.value]
+    if distributed.is_main():
+        print(f"{cfg.model} on {cfg.data} ({cfg.split}): {len(data.query_ids)} queries, {len(data.corpus_ids)} documents, "
+              f"{distributed.world_size()} rank(s)", flush=True)
+    result = evaluate(
+        text_embedder(encoder, tokenizer, cfg.query_prefix, cfg.query_max_length, device, dtype),
+        text_embedder(encoder, tokenizer, cfg.doc_prefix, cfg.doc_max_length, device, dtype),
+        data,
+        cfg.batch_size,
+        progress=True,
+    )
+    if distributed.is_main():
+        print("  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
+        if cfg.output:
+            import json
+
+            Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    """`python -m trainer.evaluate model=PATH data=BEIR_DIR [key=value ...]` (conf/tools/evaluate.yaml)."""
+    from trainer.apps import run_tool
+
+    run_tool("evaluate", _run)
+
+
+if __name__ == "__main__":
+    main()

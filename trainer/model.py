@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 POOLINGS = ("mean", "cls", "last_token")
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Config attributes that hold dropout probabilities, across the common encoder families.
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout", "hidden_dropout")
 
@@ -145,3 +146,23 @@ def save_sentence_transformer(
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto (this rank's GPU if there is one, else the CPU), cpu or cuda (this rank's GPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+def text_embedder(encoder: Encoder, tokenizer, prefix: str, max_length: int, device: torch.device, autocast_dtype=None):
+    """texts -> (b, h) fp32 vectors (not normalised): tokenise with the prefix, truncate, embed
+    under the given autocast dtype (None = fp32). For evaluation and mining (no grad is kept by
+    the callers)."""
+
+    def embed(texts: list[str]) -> Tensor:
+        inputs = tokenizer([prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return encoder(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
+
+    return embed

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -31,18 +30,10 @@ from trainer.evaluate import evaluate, load_beir
 from trainer.gradcache import GradCache, StepOutput
 from trainer.losses import PRESETS, ContrastiveLoss
 from trainer.metrics import RunLogger, alignment, embedding_std, uniformity
-from trainer.model import Encoder, load_tokenizer
+from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, text_embedder
 from trainer.preemption import StopRequest
 
 BEST_MODEL = "best-model"  # with early stopping: the best evaluation's model so far
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-
 
 
 def _say(*args) -> None:
@@ -54,15 +45,6 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: _to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _text_embedder(encoder, tokenizer, prefix: str, max_length: int, device, autocast_dtype):
-    def embed(texts: list[str]) -> torch.Tensor:
-        inputs = tokenizer([prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            return encoder(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
-
-    return embed
-
-
 def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict | None:
     """Run (or resume) the training described by cfg in run_dir. Returns the final eval metrics."""
     env = distributed.init_distributed()
@@ -70,7 +52,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     distributed.set_timeout(cfg.trainer.dist_timeout_min)
-    device = _device(cfg.trainer.device, env.local_rank)
+    device = resolve_device(cfg.trainer.device, env.local_rank)
     autocast_dtype = AUTOCAST_DTYPES[cfg.trainer.precision.value]
     run_dir = Path(run_dir)
 
@@ -157,8 +139,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
             return None
         encoder.eval()
         result = evaluate(
-            _text_embedder(encoder, tokenizer, cfg.model.query_prefix, cfg.model.query_max_length, device, autocast_dtype),
-            _text_embedder(encoder, tokenizer, cfg.model.doc_prefix, cfg.model.doc_max_length, device, autocast_dtype),
+            text_embedder(encoder, tokenizer, cfg.model.query_prefix, cfg.model.query_max_length, device, autocast_dtype),
+            text_embedder(encoder, tokenizer, cfg.model.doc_prefix, cfg.model.doc_max_length, device, autocast_dtype),
             eval_set,
             cfg.eval.batch_size,
             lockstep=backend.partitions_parameters,
@@ -360,10 +342,3 @@ def _metrics(cfg, out: StepOutput, loss_fn, step, batches, lr, grad_norm, pairs_
         )
         record["alignment"], record["uniformity"] = distributed.all_reduce_mean(health).tolist()
     return record
-
-
-def fail(message: str) -> None:
-    """One clear line on rank 0, exit status 2 on every rank."""
-    if distributed.is_main():
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
