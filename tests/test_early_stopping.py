@@ -99,8 +99,11 @@ def test_stop_and_resume_decides_as_the_uninterrupted_run(assets, stopped_run, t
     assert "already complete" in again and "stopped early" in again, output
 
 
-def test_early_stopping_without_an_eval_curve_is_refused(assets, tmp_path):
-    proc = run_trainer(tmp_path / "run", *overrides(assets, "eval.every=0"), expect_ok=False)
-    assert proc.returncode == 2
-    assert "trainer.early_stopping needs an evaluation curve" in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+def test_early_stopping_without_an_eval_curve_is_refused():
+    from tests.test_config import compose_config
+    from trainer.train import _early_stopping
+
+    with pytest.raises(ValueError, match="trainer.early_stopping needs an evaluation curve"):
+        _early_stopping(compose_config("trainer.early_stopping.patience=2"))  # eval.every is 0
+    assert _early_stopping(compose_config()) is None
+    assert _early_stopping(compose_config("trainer.early_stopping.patience=2", "eval.every=5")).patience == 2

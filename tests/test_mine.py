@@ -159,35 +159,51 @@ def run_mine(assets, output, nproc, *extra):
 
 
 def test_two_ranks_mine_what_one_rank_mines(assets, tmp_path):
+    import pyarrow.parquet as pq
+
     outputs = {}
     for nproc in (1, 2):
         output = tmp_path / f"mined-{nproc}.parquet"
-        extra = ("sampling=random", f"embeddings_cache={tmp_path / f'cache-{nproc}'}")
-        proc = run_mine(assets, output, nproc, *extra)
+        proc = run_mine(assets, output, nproc, "sampling=random", f"embeddings_cache={tmp_path / f'cache-{nproc}'}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "dropped by the filter" in proc.stdout
-        import pyarrow.parquet as pq
-
         outputs[nproc] = pq.read_table(output).to_pylist()
-        if nproc == 2:  # the cache written by 2 ranks is read by a later run and changes nothing
-            again = run_mine(assets, tmp_path / "again.parquet", 1, *extra[:1], f"embeddings_cache={tmp_path / 'cache-2'}")
-            assert "candidate embeddings from" in again.stdout, again.stderr[-2000:]
-            assert [r["negatives"] for r in pq.read_table(tmp_path / "again.parquet").to_pylist()] == [r["negatives"] for r in outputs[2]]
     assert [r["negatives"] for r in outputs[1]] == [r["negatives"] for r in outputs[2]]
     np.testing.assert_allclose([r["negative_scores"] for r in outputs[1]], [r["negative_scores"] for r in outputs[2]], atol=1e-6)
+    # The cache the 2 ranks wrote together holds every candidate's normalised embedding, in pool order.
+    (cached,) = (tmp_path / "cache-2").glob("pool-*.npy")
+    pool = list(dict.fromkeys([r["positive"] for r in assets["rows"]] + [d["text"] for d in read_jsonl(assets["corpus"])]))
+    encoder, tokenizer = Encoder.from_pretrained(str(assets["model"])).eval(), load_tokenizer(str(assets["model"]))
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(text_embedder(encoder, tokenizer, "", 128, torch.device("cpu"))(pool), dim=-1)
+    np.testing.assert_allclose(np.load(cached), expected.numpy(), atol=1e-5)
+
+
+def test_embedding_cache_is_reused_and_changes_nothing(assets, tmp_path, capsys):
+    args = mine_args(assets, tmp_path / "cold.jsonl", "retriever=dense", f"embeddings_cache={tmp_path / 'cache'}")
+    mine(compose_mine(*args))
+    assert "candidate embeddings from" not in capsys.readouterr().out
+    mine(compose_mine(*mine_args(assets, tmp_path / "warm.jsonl", "retriever=dense", f"embeddings_cache={tmp_path / 'cache'}")))
+    assert "candidate embeddings from" in capsys.readouterr().out
+    assert read_jsonl(tmp_path / "cold.jsonl") == read_jsonl(tmp_path / "warm.jsonl")
+    assert not list((tmp_path / "cache").glob("*.tmp*"))
 
 
 def test_bad_input_and_an_existing_output_are_clear_errors(assets, tmp_path):
+    from trainer.data import DataError
+
     output = tmp_path / "mined.jsonl"
     output.write_text("keep me\n")
-    proc = run_mine(assets, output, 1)
+    proc = run_mine(assets, output, 1)  # through the command line: one line, exit status 2
     assert proc.returncode == 2 and "exists; pass overwrite=true" in proc.stderr
     assert output.read_text() == "keep me\n"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "w1 w2", "positive": "w3"}\n{"query": "w4", "positive": 7}\n')
-    proc = run_mine({**assets, "input": bad}, tmp_path / "out.jsonl", 1)
-    assert proc.returncode == 2 and "bad.jsonl: line 2" in proc.stderr and "positive" in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(DataError, match="bad.jsonl: line 2: .*positive"):
+        mine(compose_mine(*mine_args({**assets, "input": bad}, tmp_path / "out.jsonl")))
     assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(ValueError, match="fewer than num_negatives"):
+        mine(compose_mine(*mine_args(assets, tmp_path / "out.jsonl", "range_max=2")))
 
 
 def test_mined_output_trains(assets, tmp_path):

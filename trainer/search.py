@@ -68,16 +68,21 @@ def embed_shard(
     """
     rank = distributed.rank()
     batches = plan.rank_batches(rank)
-    vectors = []
+    indices = plan.rank_indices(rank)
+    out, start = None, 0
     for index in tqdm(batches, desc=desc, disable=desc is None or not distributed.is_main(), leave=False):
-        vectors.append(F.normalize(embed_batch([texts[i] for i in index]).float(), dim=-1))
+        vectors = F.normalize(embed_batch([texts[i] for i in index]).float(), dim=-1)
+        if out is None:  # filled in place: no second copy of the shard's embeddings
+            out = vectors.new_empty((len(indices), vectors.shape[1]))
+        out[start : start + len(vectors)] = vectors
+        start += len(vectors)
     idle = plan.batches_per_rank - len(batches) if lockstep else 0
     for _ in range(idle):
         probe = embed_batch([texts[0]]).float()
-    if not vectors:  # fewer batches than ranks: this rank holds nothing (one forward tells the width)
+    if out is None:  # fewer batches than ranks: this rank holds nothing (one forward tells the width)
         probe = probe if idle else embed_batch([texts[0]]).float()
-        return np.zeros(0, dtype=np.int64), probe.new_zeros((0, probe.shape[1]))
-    return plan.rank_indices(rank), torch.cat(vectors)
+        return indices, probe.new_zeros((0, probe.shape[1]))
+    return indices, out
 
 
 def gather_rows(local: torch.Tensor, plan: EmbeddingPlan, total: int) -> torch.Tensor:
