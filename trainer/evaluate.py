@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer.data import DataError, jsonl_records
-from trainer.search import embed_shard, gather_rows, merge_ranks, plan_batches, topk_search
+from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, topk_search
 
 
 @dataclass
@@ -36,8 +36,8 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirSet:
     for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
         if not (folder / name).exists():
             raise DataError(f"{folder / name}: no such file (expected a BEIR-layout folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
-    corpus = _read_jsonl(folder / "corpus.jsonl", ("_id", "text"))
-    queries = _read_jsonl(folder / "queries.jsonl", ("_id", "text"))
+    corpus = read_jsonl(folder / "corpus.jsonl", ("_id", "text"))
+    queries = read_jsonl(folder / "queries.jsonl", ("_id", "text"))
     qrels: dict[str, dict[str, int]] = {}
     with open(folder / "qrels" / f"{split}.tsv", newline="") as handle:
         for number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
@@ -49,14 +49,21 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirSet:
     query_set = {q["_id"] for q in queries}
     return BeirSet(
         corpus_ids=[d["_id"] for d in corpus],
-        corpus_texts=[(d.get("title", "") + " " + d["text"]).strip() for d in corpus],
+        corpus_texts=[corpus_text(d) for d in corpus],
         query_ids=[q["_id"] for q in queries if q["_id"] in qrels],
         query_texts=[q["text"] for q in queries if q["_id"] in qrels],
         qrels={q: rel for q, rel in qrels.items() if q in query_set},
     )
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+def corpus_text(record: dict) -> str:
+    """A BEIR corpus record's text as it is embedded: the title (if any) before the text."""
+    title = record.get("title") or ""
+    return f"{title} {record['text']}".strip() if isinstance(title, str) else record["text"]
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """The records of a small .jsonl file, each checked to have the required text fields."""
     rows = []
     for where, row in jsonl_records(path):
         for field in required:
@@ -103,11 +110,8 @@ def evaluate(
 
     if not data.query_ids or not data.corpus_ids:
         raise DataError("the evaluation set has no judged queries or no documents")
-    world = distributed.world_size()
-    query_plan = plan_batches(data.query_texts, batch_size, world)
-    _, local_queries = embed_shard(embed_queries, data.query_texts, query_plan, lockstep, "embed queries" if progress else None)
-    queries = gather_rows(local_queries, query_plan, len(data.query_texts))
-    doc_plan = plan_batches(data.corpus_texts, batch_size, world)
+    queries = embed_everywhere(embed_queries, data.query_texts, batch_size, lockstep, "embed queries" if progress else None)
+    doc_plan = plan_batches(data.corpus_texts, batch_size, distributed.world_size())
     doc_ids, docs = embed_shard(embed_docs, data.corpus_texts, doc_plan, lockstep, "embed corpus" if progress else None)
     scores, ids = topk_search(queries, docs, torch.as_tensor(doc_ids), k)
     scores, ids = merge_ranks(scores, ids)

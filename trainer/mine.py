@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from trainer import distributed
-from trainer.data import Columns, DataError, jsonl_records
+from trainer.data import Columns, DataError
 from trainer.data.sources import file_kind, raw_rows, text_batches
-from trainer.search import embed_shard, gather_rows, merge_ranks, plan_batches, score_candidates, topk_search
+from trainer.evaluate import corpus_text, read_jsonl
+from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, score_candidates, topk_search
 
 QUERY_BLOCK = 8192  # queries searched (and lists gathered) at a time: bounds the gathered top-k lists
 ROW_BLOCK = 65536  # rows filtered at a time
@@ -72,11 +73,7 @@ def read_corpus(spec) -> list[str]:
         if p.suffix == ".txt":
             texts.extend(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
             continue
-        for where, record in jsonl_records(p):
-            if not isinstance(record.get("text"), str):
-                raise DataError(f"{path}: {where}: field 'text' is missing or not a string")
-            title = record.get("title") or ""
-            texts.append(f"{title} {record['text']}".strip() if isinstance(title, str) else record["text"])
+        texts.extend(corpus_text(record) for record in read_jsonl(p, ("text",)))
     return texts
 
 
@@ -353,9 +350,7 @@ def mine(cfg) -> dict:
     }
     doc_ids, docs = embed_pool(embed_docs, pool, cfg.batch_size, cfg.embeddings_cache, settings)
     docs = docs.to(device)
-    query_plan = plan_batches(pairs.queries, cfg.batch_size, distributed.world_size())
-    _, local_queries = embed_shard(embed_queries, pairs.queries, query_plan, desc="embed queries")
-    queries = gather_rows(local_queries, query_plan, len(pairs.queries))
+    queries = embed_everywhere(embed_queries, pairs.queries, cfg.batch_size, desc="embed queries")
 
     lists = []
     if cfg.retriever.value in ("dense", "hybrid"):
@@ -411,13 +406,9 @@ def mine(cfg) -> dict:
 
 
 def _scores(queries, candidates: np.ndarray, docs, doc_ids, pool_size: int) -> np.ndarray:
-    """Cosines of each query with its candidates (NaN where none), in blocks of queries."""
-    out = []
+    """Cosines of each query with its candidates (NaN where none); score_candidates works in blocks."""
     ids = torch.as_tensor(doc_ids)
-    for q0 in range(0, len(candidates), QUERY_BLOCK):
-        block = torch.as_tensor(candidates[q0 : q0 + QUERY_BLOCK])
-        out.append(score_candidates(queries[q0 : q0 + QUERY_BLOCK], block, docs, ids, pool_size).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(candidates.shape, dtype=np.float32)
+    return score_candidates(queries, torch.as_tensor(candidates), docs, ids, pool_size).cpu().numpy()
 
 
 def main() -> None:

@@ -102,6 +102,20 @@ def gather_rows(local: torch.Tensor, plan: EmbeddingPlan, total: int) -> torch.T
     return out
 
 
+def embed_everywhere(
+    embed_batch: Callable[[list[str]], torch.Tensor],
+    texts: Sequence[str],
+    batch_size: int,
+    lockstep: bool = False,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Every text's normalised embedding, in text order, on every rank: each rank embeds its
+    share of the batches and the shares are gathered (for the queries of a search)."""
+    plan = plan_batches(texts, batch_size, distributed.world_size())
+    _, local = embed_shard(embed_batch, texts, plan, lockstep, desc)
+    return gather_rows(local, plan, len(texts))
+
+
 def _best(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of each row by score, ties to the lower id: one order, whatever the chunking."""
     by_id = ids.argsort(dim=1, stable=True)
