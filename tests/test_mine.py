@@ -60,14 +60,14 @@ def test_exclusions_keep_order_and_fusion_is_reciprocal_rank():
     lists = np.array([[5, 1, 7, 2, -1], [3, 4, 5, 6, 0]])
     excluded = np.array([0 * 10 + 1, 1 * 10 + 5])  # query 0 excludes text 1, query 1 excludes text 5
     assert drop_excluded(lists, excluded, 10, 4).tolist() == [[5, 7, 2, -1], [3, 4, 6, 0]]
-    dense, bm25 = np.array([[4, 2, 9]]), np.array([[2, 7, -1]])
+    dense, bm25 = np.array([[9, 2, 4]]), np.array([[2, 7, -1]])  # rank, not id, must order 9, 7, 4
     fused = fuse([dense, bm25], rrf_k=60, keep=4, pool_size=10)
     score = {}
     for ranked in (dense[0], bm25[0]):
         for rank, doc in enumerate(ranked, start=1):
             if doc >= 0:
                 score[doc] = score.get(doc, 0) + 1 / (60 + rank)
-    assert fused[0].tolist() == sorted(score, key=lambda d: (-score[d], d))  # [2, 4, 7, 9]
+    assert fused[0].tolist() == sorted(score, key=lambda d: (-score[d], d)) == [2, 9, 7, 4]
 
 
 @pytest.fixture(scope="module")
