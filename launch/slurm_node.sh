@@ -11,7 +11,12 @@ port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 # workers install their handler ignore it (USR1 would otherwise kill torchrun); the workers catch
 # it and checkpoint at an agreed step.
 trap '' USR1
+# A worker that dies makes torchrun restart the group on every node (MAX_RESTARTS times, default
+# 3), resuming from the last verified checkpoint; a fresh rendezvous store per restart keeps the
+# attempts apart (see trainer/distributed.py, _attempt_store).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun \
   --nnodes="${SLURM_NNODES:-1}" --node_rank="${SLURM_NODEID:-0}" --nproc_per_node="$nproc" \
+  --max-restarts="${MAX_RESTARTS:-3}" \
   --rdzv_backend=c10d --rdzv_endpoint="$master:$port" --rdzv_id="$SLURM_JOB_ID" \
   -m trainer "$@"

@@ -128,17 +128,21 @@ def write_beir(folder: Path, rows: list[dict]) -> Path:
 
 
 def trainer_command(
-    where: list[str], overrides: tuple[str, ...], nproc: int = 1, launcher: list[str] | None = None
+    where: list[str], overrides: tuple[str, ...], nproc: int = 1, launcher: list[str] | None = None,
+    module: str = "trainer", env_extra: dict | None = None,
 ) -> tuple[list[str], dict]:
     """The command line and environment that run `python -m trainer` (under torchrun if nproc > 1,
-    or under the given launcher, e.g. accelerate launch's arguments up to its -m)."""
+    or under the given launcher, e.g. accelerate launch's arguments up to its -m). module may
+    name another entry point, e.g. tests.faulty_trainer."""
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env_extra or {}))
+    if module != "trainer":  # the tests package is not installed: let the workers find it
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if launcher is None:
         launcher = [sys.executable]
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*launcher, "-m", "trainer", *where, *overrides], env
+    return [*launcher, "-m", module, *where, *overrides], env
 
 
 def run_trainer(
@@ -149,11 +153,13 @@ def run_trainer(
     timeout: int = 300,
     multirun: bool = False,
     launcher: list[str] | None = None,
+    module: str = "trainer",
+    env_extra: dict | None = None,
 ):
     """`python -m trainer` (or under torchrun, or the given launcher) in a subprocess; returns the
     CompletedProcess. With multirun, run_dir is the sweep directory."""
     where = ["-m", f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
-    cmd, env = trainer_command(where, overrides, nproc, launcher)
+    cmd, env = trainer_command(where, overrides, nproc, launcher, module, env_extra)
     proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok:
         assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -32,16 +32,17 @@ def _agreed_run_stamp() -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
-    from trainer.data import DataError
     from trainer.apps import fail
-    from trainer.train import train
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DataError
+    from trainer.train import TrainingDiverged, train
 
     hydra_cfg = HydraConfig.get()
     # Runs of one multirun sweep share a W&B group named after the sweep, unless one is given.
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
         train(cfg, Path(hydra_cfg.runtime.output_dir), wandb_group=group)
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError, CheckpointError, TrainingDiverged) as err:
         fail(str(err))
 
 

@@ -6,18 +6,31 @@ run the same data order, GradCache step, schedule and metrics.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from trainer import distributed
+from trainer import distributed, safe_load
 from trainer.model import Encoder, save_sentence_transformer
 
 _SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    grad_norm: float
+    """The gradient norm before clipping (nan when the step was refused before computing it)."""
+    applied: bool
+    """False when the weights, the optimizer state and the schedule were left as they were."""
+    overflow: bool = False
+    """Not applied because fp16's loss scale overflowed: the scaler's routine business (it lowers
+    the scale), not a bad step."""
 
 
 class TrainingBackend(Protocol):
@@ -31,9 +44,11 @@ class TrainingBackend(Protocol):
     def lr(self) -> float:
         """The learning rate the next step will use."""
 
-    def step(self) -> float:
-        """Clip, step the optimizer and the schedule, clear gradients; returns the gradient norm
-        before clipping."""
+    def step(self, loss_is_finite: bool) -> StepResult:
+        """Clip, step the optimizer and the schedule, clear gradients. Skips the update on every
+        rank alike when loss_is_finite is False (agreed by the caller) or the gradient norm is not
+        finite. GradCache turns a non-finite loss into non-finite gradients, so either way the
+        decision rests on reduced, hence identical, figures."""
 
     def save_state(self, folder: Path) -> None:
         """Write model, optimizer, schedule (and scaler) state into folder (collective)."""
@@ -79,18 +94,34 @@ class DDPBackend:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def step(self) -> float:
+    def step(self, loss_is_finite: bool) -> StepResult:
+        if not loss_is_finite:
+            # Before unscale_: the fp16 scale stays as it is, since this was no overflow.
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(grad_norm=math.nan, applied=False)
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.max_grad_norm)
+        # DDP's reduction makes the norm identical on every rank; agree anyway, in case a rank's
+        # gradients went bad after it (the check is one scalar).
+        bad = torch.tensor([0.0 if torch.isfinite(grad_norm) else 1.0])
+        finite = not bool(distributed.all_reduce(bad, dist.ReduceOp.MAX).item())
         if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
+            if not finite:  # what the scaler finds on its own; make sure every rank finds it
+                next(p.grad for p in self.encoder.parameters() if p.grad is not None).fill_(math.inf)
+            scale = self.grad_scaler.get_scale()
+            self.grad_scaler.step(self.optimizer)  # skips the update itself on inf/nan gradients
             self.grad_scaler.update()
+            applied = self.grad_scaler.get_scale() >= scale
+            result = StepResult(float(grad_norm), applied=applied, overflow=not applied)
         else:
-            self.optimizer.step()
-        self.scheduler.step()
+            if finite:
+                self.optimizer.step()
+            result = StepResult(float(grad_norm), applied=finite)
+        if result.applied:  # a skipped update does not advance the schedule either (as in DeepSpeed)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return result
 
     def save_state(self, folder: Path) -> None:
         if not distributed.is_main():  # the state is the same on every rank
@@ -104,11 +135,11 @@ class DDPBackend:
     def load_state(self, folder: Path) -> None:
         if not (folder / "model.pt").exists():
             raise ValueError(f"{folder} holds no DDP checkpoint (model.pt); was it written with trainer.backend=deepspeed?")
-        self.encoder.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        self.encoder.load_state_dict(safe_load.load(folder / "model.pt"))
+        self.optimizer.load_state_dict(safe_load.load(folder / "optimizer.pt"))
+        self.scheduler.load_state_dict(safe_load.load(folder / "scheduler.pt"))
         if self.grad_scaler is not None and (folder / "scaler.pt").exists():
-            self.grad_scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=False))
+            self.grad_scaler.load_state_dict(safe_load.load(folder / "scaler.pt"))
 
     def export(self, folder: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> None:
         if distributed.is_main():

@@ -86,6 +86,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = None
     """Attention kernel passed to transformers: sdpa, eager, flash_attention_2 (if installed)...;
     None = transformers' default for the model (sdpa where supported)."""
+    trust_remote_code: bool = False
+    """Run the Python code a model folder ships (its config's auto_map). Off: such a model is
+    refused, since its code runs with the trainer's rights."""
 
 
 @dataclass
@@ -209,6 +212,10 @@ class TrainerConfig:
     dist_timeout_min: float = 30.0
     """How long a collective waits for the slowest rank before the job fails (the process
     group's timeout); raise it if a rank has long work of its own (e.g. exporting a huge model)."""
+    max_bad_steps: int = 5
+    """A step whose loss or gradient norm is not finite (on any rank) is skipped on every rank
+    and counted; after this many in a row the run stops with an error, its last checkpoint as
+    it was. 0 = never stop (keep skipping)."""
 
 
 @dataclass
@@ -226,7 +233,8 @@ class CheckpointConfig:
     every: int = 0
     """Write checkpoints/step-N every this many steps (0 = only at the end and when stopping)."""
     keep: int = 2
-    """Keep this many most recent checkpoints (older ones are deleted)."""
+    """Keep this many most recent checkpoints (older ones are deleted, never the newest
+    verified one)."""
 
 
 @dataclass
@@ -284,6 +292,8 @@ class EvaluateConfig:
     """Which qrels file: qrels/<split>.tsv."""
     pooling: Optional[Pooling] = None
     """mean, cls or last_token; None = the saved model's own (else mean)."""
+    trust_remote_code: bool = False
+    """Run the Python code a model folder ships (its config's auto_map); off = refuse it."""
     query_prefix: str = ""
     """Prepended to every query (as in training: model.query_prefix)."""
     doc_prefix: str = ""

@@ -13,6 +13,7 @@ model is gathered whole: under ZeRO-3 layer by layer onto rank 0's CPU.
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from trainer import distributed
-from trainer.backends import make_scheduler
+from trainer import distributed, safe_load
+from trainer.backends import StepResult, make_scheduler
 from trainer.deepspeed_config import offloads_optimizer
 from trainer.model import Encoder, save_sentence_transformer
 
@@ -63,10 +64,16 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def step(self) -> float:
-        self.model.step()  # clips (gradient_clipping), steps optimizer and schedule, clears gradients
+    def step(self, loss_is_finite: bool) -> StepResult:
+        # Clips (gradient_clipping), steps optimizer and schedule, clears gradients. With fp32
+        # master weights (the only kind build_config allows) ZeRO skips the update, and the
+        # schedule, on its own when the global gradient norm is not finite, on every rank alike;
+        # GradCache makes a non-finite loss give such gradients. So DeepSpeed decides, once.
+        self.model.step()
+        if not self.model.was_step_applied():
+            return StepResult(grad_norm=math.nan, applied=False)
         norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return StepResult(float(norm) if norm is not None else math.nan, applied=True)
 
     def save_state(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
@@ -74,9 +81,11 @@ class DeepSpeedBackend:
     def load_state(self, folder: Path) -> None:
         if not (folder / CHECKPOINT_TAG).is_dir():
             raise ValueError(f"{folder} holds no DeepSpeed checkpoint ({CHECKPOINT_TAG}/); was it written with trainer.backend=ddp?")
-        path, _ = self.model.load_checkpoint(
-            str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        # DeepSpeed's checkpoint engine asks torch.load for weights_only=False: overrule it.
+        with safe_load.weights_only_everywhere(folder / CHECKPOINT_TAG, safe_load.deepspeed_globals()):
+            path, _ = self.model.load_checkpoint(
+                str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if path is None:
             raise ValueError(f"DeepSpeed could not load the checkpoint in {folder / CHECKPOINT_TAG}")
 

@@ -101,14 +101,38 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _attempt_store(info, timeout)
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{info.master_addr}:{info.master_port}",
+        init_method=None if store is not None else f"tcp://{info.master_addr}:{info.master_port}",
+        store=store,
         rank=info.rank,
         world_size=info.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     return info
+
+
+def _attempt_store(info: DistEnv, timeout: datetime.timedelta, environ: Mapping[str, str] | None = None):
+    """A store whose keys belong to this restart attempt alone, when torchrun shares its own.
+
+    torchrun (c10d rendezvous) hands its workers the agent's TCP store, which lives across
+    restarts (--max-restarts). Keys the process group writes there, such as each rank's Gloo
+    address, then survive a worker's death: a restarted rank can read its peer's old address
+    before the peer has replaced it, and fails with "Gloo connectFullMesh failed ... Connection
+    refused" (pytorch/pytorch#135712). Prefixing the keys with the restart count keeps attempts
+    apart. The count is per agent, so this is done for a single node only; launch/*.sh set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every attempt a store of its own on any
+    number of nodes. Returns None where nothing is shared (then tcp:// makes a fresh store).
+    """
+    env = os.environ if environ is None else environ
+    if info.launcher != "torchrun" or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(env.get("LOCAL_WORLD_SIZE", -1)) != info.world_size:
+        return None  # several nodes: their restart counts need not agree
+    shared = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"trainer/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/", shared)
 
 
 def set_timeout(minutes: float) -> None:
@@ -182,6 +206,15 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` over ranks (a new tensor; for logging, not for gradients)."""
     return all_reduce(tensor) / world_size()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank src's `obj` (small, picklable) on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 _long_wait_groups: dict[datetime.timedelta, dist.ProcessGroup] = {}

@@ -124,8 +124,10 @@ def _run(cfg) -> None:
 
     data = load_beir(cfg.data, cfg.split)
     device = resolve_device(cfg.device, distributed.read_env().local_rank)
-    encoder = Encoder.from_pretrained(cfg.model, pooling=cfg.pooling.value if cfg.pooling else None).to(device).eval()
-    tokenizer = load_tokenizer(cfg.model)
+    encoder = Encoder.from_pretrained(
+        cfg.model, pooling=cfg.pooling.value if cfg.pooling else None, trust_remote_code=cfg.trust_remote_code
+    ).to(device).eval()
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     dtype = AUTOCAST_DTYPES[cfg.precision.value]
     if distributed.is_main():
         print(f"{cfg.model} on {cfg.data} ({cfg.split}): {len(data.query_ids)} queries, {len(data.corpus_ids)} documents, "

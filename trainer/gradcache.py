@@ -135,6 +135,13 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda)
 
 
+def _nan_unless_finite(loss: Tensor) -> Tensor:
+    """1 if loss is finite, else nan (a tensor: no host sync). Gradients are multiplied by it so
+    that a non-finite loss always gives non-finite gradients, on every rank once they are reduced:
+    the optimizer's guard (backends.py, DeepSpeed's overflow check) then sees it in the norm."""
+    return torch.where(torch.isfinite(loss), 1.0, torch.nan).to(loss.dtype)
+
+
 def _is_deepspeed_engine(module: nn.Module) -> bool:
     # Duck-typed so that DeepSpeed stays an optional dependency of this module.
     return hasattr(module, "coalesce_grad_reduction") and hasattr(module, "backward")
@@ -227,10 +234,11 @@ class GradCache:
             d = self.encoder(**docs)
         d = d.view(q.shape[0], docs_per_query, -1)
         loss = self.loss_fn(q, d, query_hashes, doc_hashes)
+        poisoned = loss * _nan_unless_finite(loss.detach())
         if self.engine is not None:
-            self.engine.backward(loss)
+            self.engine.backward(poisoned)
         else:
-            self._scaled(loss).backward()
+            self._scaled(poisoned).backward()
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
 
     def _cached_step(self, queries, docs, docs_per_query, query_hashes, doc_hashes) -> StepOutput:
@@ -252,15 +260,15 @@ class GradCache:
                 rng_states.append(_RngState())
                 embeddings.append(embed(**chunk))
 
-        # The loss, once, on everything; backward stops at the (leaf) embeddings.
-        # The loss, once, on everything, in the batch's order; backward stops at the (leaf) embeddings.
+        # The loss, on everything, in the batch's order; backward stops at the (leaf) embeddings.
         q = _in_batch_order(torch.cat(embeddings[:n_query_chunks]), query_order).requires_grad_()
         d = _in_batch_order(torch.cat(embeddings[n_query_chunks:]), doc_order)
         d = d.view(q.shape[0], docs_per_query, -1).requires_grad_()
         loss = self.loss_fn(q, d, query_hashes, doc_hashes)
         loss.backward()
         # Each chunk's slice of the cached gradient, in the order the chunks were cut.
-        q_grad, d_grad = q.grad, d.grad.view(-1, d.shape[-1])
+        poison = _nan_unless_finite(loss.detach())
+        q_grad, d_grad = q.grad * poison, d.grad.view(-1, d.shape[-1]) * poison
         if query_order is not None:
             q_grad = q_grad.index_select(0, query_order.to(q_grad.device))
         if doc_order is not None:

@@ -339,8 +339,10 @@ def mine(cfg) -> dict:
 
     model = cfg.model
     device = resolve_device(cfg.device, distributed.read_env().local_rank)
-    encoder = Encoder.from_pretrained(model.name_or_path, pooling=model.pooling.value).to(device).eval()
-    tokenizer = load_tokenizer(model.name_or_path)
+    encoder = Encoder.from_pretrained(
+        model.name_or_path, pooling=model.pooling.value, trust_remote_code=model.trust_remote_code
+    ).to(device).eval()
+    tokenizer = load_tokenizer(model.name_or_path, trust_remote_code=model.trust_remote_code)
     dtype = AUTOCAST_DTYPES[cfg.precision.value]
     embed_docs = text_embedder(encoder, tokenizer, model.doc_prefix, model.doc_max_length, device, dtype)
     embed_queries = text_embedder(encoder, tokenizer, model.query_prefix, model.query_max_length, device, dtype)

@@ -34,6 +34,24 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(getter()) if callable(getter) else name_or_path
 
 
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse a local model folder that ships its own Python code (config.json's auto_map) unless
+    trusted: loading it would run that code. (Hub names are checked by transformers itself.)"""
+    config_file = Path(path) / "config.json"
+    if trust_remote_code or not config_file.is_file():
+        return
+    try:
+        auto_map = json.loads(config_file.read_text()).get("auto_map")
+    except ValueError:
+        return  # transformers reports a broken config.json in its own words
+    if auto_map:
+        modules = sorted({ref.split(".")[0] for ref in auto_map.values() if isinstance(ref, str)})
+        raise ValueError(
+            f"{config_file}: \"auto_map\" asks to run the model's own code ({', '.join(m + '.py' for m in modules)}); "
+            "read it, then set model.trust_remote_code=true to allow it"
+        )
+
+
 def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
     """(b, L, h) token states -> (b, h) fp32 text vectors.
 
@@ -69,12 +87,16 @@ class Encoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, pooling: str | None = None, dropout: float | None = None, **hf_kwargs
+        cls, name_or_path: str, pooling: str | None = None, dropout: float | None = None,
+        trust_remote_code: bool = False, **hf_kwargs,
     ) -> Encoder:
         """Load a transformer (see resolve_model_path). pooling None takes a saved
-        sentence-transformers folder's own pooling, else mean; dropout overrides the config's."""
+        sentence-transformers folder's own pooling, else mean; dropout overrides the config's;
+        a model with its own code is refused unless trust_remote_code."""
         path = resolve_model_path(name_or_path)
-        config = AutoConfig.from_pretrained(path)
+        check_remote_code(path, trust_remote_code)
+        hf_kwargs["trust_remote_code"] = trust_remote_code
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if dropout is not None:
             for key in _DROPOUT_KEYS:
                 if isinstance(getattr(config, key, None), float):
@@ -144,8 +166,10 @@ def save_sentence_transformer(
     )
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name_or_path)
+    check_remote_code(path, trust_remote_code)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

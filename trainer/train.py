@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import torch
+import torch.distributed as dist
 import transformers
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -62,7 +63,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     sources = parse_sources(OmegaConf.to_container(train_spec) if OmegaConf.is_config(train_spec) else train_spec)
     eval_set = load_beir(cfg.eval.data) if cfg.eval.data else None
     early_stopping = _early_stopping(cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     settings = TokenSettings(
         cfg.model.query_max_length, cfg.model.doc_max_length, cfg.model.query_prefix, cfg.model.doc_prefix
     )
@@ -87,7 +88,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     torch.manual_seed(cfg.trainer.seed)
     hf_kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     encoder = Encoder.from_pretrained(
-        cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout, **hf_kwargs
+        cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout,
+        trust_remote_code=cfg.model.trust_remote_code, **hf_kwargs,
     )
     encoder.to(device).train()
     if cfg.trainer.compile:
@@ -108,7 +110,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     )
 
     # 3. Resume, or start fresh with a per-rank dropout seed.
-    latest = checkpoint.latest(run_dir)
+    latest = checkpoint.latest(run_dir, say=_say)
     if latest is not None:
         state = checkpoint.load(latest, backend.load_state)
         _say(f"resuming from {latest} (step {state.step})")
@@ -182,17 +184,40 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         batch = _to(batch, device)
         lr = backend.lr()
         out = step_fn(batch["queries"], batch["docs"], batch["query_hashes"], batch["doc_hashes"])
-        grad_norm = backend.step()
+        loss_is_finite = _agree_finite(out.loss)
+        result = backend.step(loss_is_finite)
         progress.update(1)
+        skipped = not result.applied and not result.overflow
+        if skipped:
+            state.skipped_steps += 1
+            state.bad_steps_in_a_row += 1
+            if env.is_main:
+                what = "gradient norm" if loss_is_finite else "loss"
+                tqdm.write(f"step {step}: non-finite {what}; the update was skipped on every rank "
+                           f"({state.bad_steps_in_a_row} in a row, {state.skipped_steps} in all)")
+        elif result.applied:
+            state.bad_steps_in_a_row = 0
 
-        if step % cfg.trainer.log_every == 0 or step == total_steps:
+        if step % cfg.trainer.log_every == 0 or step == total_steps or skipped:
             elapsed = time.perf_counter() - last_time
-            record = _metrics(cfg, out, loss_fn, step, batches, lr, grad_norm, (step - last_step) * cfg.data.batch_size / elapsed)
+            record = _metrics(cfg, out, loss_fn, step, batches, lr, result.grad_norm, (step - last_step) * cfg.data.batch_size / elapsed)
+            record["skipped_steps"] = state.skipped_steps
             if len(sources) > 1:
                 record.update(_source_metrics(batches, step, record["loss"]))
             logger.log(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.0f}")
             last_time, last_step = time.perf_counter(), step
+        if cfg.trainer.max_bad_steps and state.bad_steps_in_a_row >= cfg.trainer.max_bad_steps:
+            progress.close()
+            logger.finish()
+            distributed.barrier()  # every rank stops here; none exits while rank 0 still writes its logs
+            kept = checkpoint.newest(run_dir)
+            raise TrainingDiverged(
+                f"{state.bad_steps_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient "
+                f"norm, so the run stopped (trainer.max_bad_steps={cfg.trainer.max_bad_steps}); "
+                + (f"its last checkpoint, {kept}, is as it was" if kept else "no checkpoint was written")
+                + ". Lower trainer.lr, raise loss.temperature or check the data, then run again"
+            )
         if cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
             run_eval(step)
             plateau = early_stopping is not None and early_stopping.should_stop
@@ -240,6 +265,16 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         result = result or kept
     logger.finish()
     return result
+
+
+class TrainingDiverged(RuntimeError):
+    """trainer.max_bad_steps non-finite steps in a row."""
+
+
+def _agree_finite(loss: torch.Tensor) -> bool:
+    """True when this step's loss is finite on every rank (a collective)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+    return not bool(distributed.all_reduce(bad, dist.ReduceOp.MAX).item())
 
 
 def _export(backend, tokenizer, cfg, folder: Path, is_main: bool) -> None:
