@@ -30,6 +30,10 @@ DefMemPerCPU=$((memory / cpus))
 ReturnToService=2
 SchedulerType=sched/backfill
 JobRequeue=1
+# A requeued job may start only once the credential of its previous run has expired (default 120
+# s, which is also how long Slurm holds it). Short here, so a requeue test needs no StartTime=now,
+# which on a fresh cluster started it too soon ("Job credential revoked").
+AuthInfo=cred_expire=10
 MpiDefault=none
 NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory} State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP

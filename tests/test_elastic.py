@@ -69,12 +69,12 @@ def test_kill_9_of_a_worker_restarts_the_group_which_resumes_to_the_same_model(a
 
 
 def rendezvous_after_restart(tmp_path: Path, join: str) -> subprocess.CompletedProcess:
-    """tests/elastic_worker.py under torchrun --max-restarts=1: rank 0 dies in attempt 0 and
+    """tests/dist_scripts/elastic_worker.py under torchrun --max-restarts=1: rank 0 dies in attempt 0 and
     comes back 15 s late in attempt 1 (a busy machine), longer than Gloo retries a refused connect."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", JOIN=join, LATE_RANK="0", LATE_S="15")
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)  # torchrun's default: one store for all attempts
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "tests.elastic_worker"]
+           "-m", "tests.dist_scripts.elastic_worker"]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
 
 

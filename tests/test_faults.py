@@ -131,7 +131,8 @@ def test_trainer_resumes_from_the_checkpoint_before_a_truncated_one(assets, tmp_
 
 def faulty_run(run_dir: Path, args: list[str], fault: str, steps: str, rank: str = "", nproc: int = 2, expect_ok=True):
     env = {"FAULT": fault, "FAULT_STEPS": steps, "FAULT_RANK": rank}
-    return run_trainer(run_dir, *args, nproc=nproc, module="tests.faulty_trainer", env_extra=env, expect_ok=expect_ok)
+    return run_trainer(run_dir, *args, nproc=nproc, module="tests.dist_scripts.faulty_trainer", env_extra=env,
+                       expect_ok=expect_ok)
 
 
 def step_args(assets, steps: int, *extra: str) -> list[str]:

@@ -133,7 +133,7 @@ def trainer_command(
 ) -> tuple[list[str], dict]:
     """The command line and environment that run `python -m trainer` (under torchrun if nproc > 1,
     or under the given launcher, e.g. accelerate launch's arguments up to its -m). module may
-    name another entry point, e.g. tests.faulty_trainer."""
+    name another entry point, e.g. tests.dist_scripts.faulty_trainer."""
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env_extra or {}))
     if module != "trainer":  # the tests package is not installed: let the workers find it

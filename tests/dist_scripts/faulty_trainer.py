@@ -1,5 +1,5 @@
-"""`python -m tests.faulty_trainer [overrides]`: the trainer, with a fault injected into the loss
-of chosen steps, to test what the trainer does about it. Set by environment variables:
+"""`python -m tests.dist_scripts.faulty_trainer [overrides]`: the trainer, with a fault injected
+into the loss of chosen steps, to test what the trainer does about it. Set by environment variables:
 
   FAULT=nan_loss   the loss is NaN (and so are its gradients)
   FAULT=inf_grad   the loss is finite, its gradient infinite
