@@ -1,5 +1,6 @@
 """What verified checkpoints cost, side by side in one process: saving a DDP checkpoint (model,
-AdamW state, schedule, RNG) with its manifest against the same save without one, and verifying
+AdamW state, RNG) with its manifest against the same save without one (and without the fsync
+that the manifest's hashing does, so the files may still sit in the page cache), and verifying
 it on resume against loading it. The state is a random BERT of the given shape with AdamW's
 two moments filled in, as the trainer's DDPBackend writes it.
 
@@ -14,6 +15,7 @@ it is when a run saves and, on a restart, usually when it verifies.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -61,13 +63,21 @@ def main() -> None:
         encoder.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
 
-    times: dict[str, list[float]] = {k: [] for k in ("save", "save+manifest", "load", "verify")}
+    def fsync_all(run_dir: Path, step: int) -> None:
+        for path in (run_dir / "checkpoints" / f"step-{step}").iterdir():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+
+    times: dict[str, list[float]] = {k: [] for k in ("save", "save+fsync", "save+manifest", "load", "verify")}
     with tempfile.TemporaryDirectory() as tmp:
         for step in range(1, args.repeats + 1):
             run_dir = Path(tmp) / f"r{step}"
             start = time.perf_counter()
             save_without_manifest(run_dir, step)
             times["save"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            fsync_all(run_dir, step)
+            times["save+fsync"].append(times["save"][-1] + time.perf_counter() - start)
             start = time.perf_counter()
             saved = checkpoint.save(run_dir, checkpoint.TrainerState(step=step + 1), save_state, keep=100)
             times["save+manifest"].append(time.perf_counter() - start)
@@ -82,7 +92,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.shape}: checkpoint of {size:.0f} MiB, medians of {args.repeats}")
     print(f"  save without manifest  {med['save']:.3f} s")
-    print(f"  save with manifest     {med['save+manifest']:.3f} s  ({med['save+manifest'] / med['save']:.2f}x)")
+    print(f"  save, then fsync       {med['save+fsync']:.3f} s  ({med['save+fsync'] / med['save']:.2f}x)")
+    print(f"  save with manifest     {med['save+manifest']:.3f} s  ({med['save+manifest'] / med['save']:.2f}x; "
+          "fsync + SHA-256 of every file)")
     print(f"  load                   {med['load']:.3f} s")
     print(f"  verify before loading  {med['verify']:.3f} s  ({med['verify'] / med['load']:.2f}x the load; "
           f"{size / med['verify']:.0f} MiB/s)")
