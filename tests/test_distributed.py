@@ -56,3 +56,23 @@ def test_two_process_loss_equals_single_process_loss():
 def test_two_process_gradcache_equals_single_process_step():
     out = run_torchrun("gradcache_ddp.py")
     assert out.count("gradcache DDP ok") == 2
+
+
+def test_a_shared_torchrun_store_is_scoped_to_the_restart_attempt():
+    import datetime
+
+    import torch.distributed as dist
+
+    from trainer.distributed import DistEnv, _attempt_store
+
+    timeout = datetime.timedelta(seconds=10)
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    info = DistEnv(rank=0, world_size=2, master_addr="127.0.0.1", master_port=server.port, launcher="torchrun")
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "2"}
+    store = _attempt_store(info, timeout, shared)
+    store.set("rank_1", "address")
+    assert server.get("trainer/attempt-2/rank_1") == b"address"  # attempt 3 will not read it
+    # Nothing shared (the launch scripts' TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), or several nodes,
+    # whose restart counts need not agree: the plain tcp:// store.
+    assert _attempt_store(info, timeout, {**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert _attempt_store(info, timeout, {**shared, "LOCAL_WORLD_SIZE": "1"}) is None

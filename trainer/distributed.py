@@ -132,7 +132,7 @@ def _attempt_store(info: DistEnv, timeout: datetime.timedelta, environ: Mapping[
     if int(env.get("LOCAL_WORLD_SIZE", -1)) != info.world_size:
         return None  # several nodes: their restart counts need not agree
     shared = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"trainer/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/", shared)
+    return dist.PrefixStore(f"trainer/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", shared)
 
 
 def set_timeout(minutes: float) -> None:
