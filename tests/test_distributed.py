@@ -50,7 +50,7 @@ def test_no_launcher_is_a_single_process():
 
 def test_two_process_loss_equals_single_process_loss():
     out = run_torchrun("loss_parity.py")
-    assert out.count("24 loss configurations match") == 2
+    assert out.count("48 loss configurations match") == 2
 
 
 def test_two_process_gradcache_equals_single_process_step():

@@ -174,6 +174,10 @@ def test_loss_runs_in_fp32_under_bf16_autocast():
         (dict(partition="split"), "partition"),
         (dict(temperature=0.0), "temperature"),
         (dict(tile_size=0), "tile_size"),
+        (dict(matryoshka_dims=[8, 8]), "distinct positive integers"),
+        (dict(matryoshka_dims=[8, 0]), "distinct positive integers"),
+        (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0]), "one per size"),
+        (dict(matryoshka_weights=[1.0]), "needs matryoshka_dims"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(kwargs, message):
@@ -189,3 +193,71 @@ def test_bad_shapes_and_missing_hashes_are_clear_errors():
         ContrastiveLoss(mask_duplicates=True)(q, docs)
     with pytest.raises(ValueError, match="unknown loss preset"):
         ContrastiveLoss.from_preset("simclr")
+
+
+# -- Matryoshka -------------------------------------------------------------------------------
+
+DIMS, WEIGHTS = (16, 8, 4), (1.0, 0.5, 0.25)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("tile_size", [None, 4])
+@pytest.mark.parametrize("mask_duplicates,margin", [(True, None), (False, 0.1)])
+def test_matryoshka_matches_float64_brute_force(preset, tile_size, mask_duplicates, margin):
+    q, docs, query_hashes, doc_hashes = duplicated_batch()
+    directions, partition = PRESETS[preset]
+    loss_fn = ContrastiveLoss.from_preset(
+        preset, temperature=0.1, mask_duplicates=mask_duplicates, false_negative_margin=margin, tile_size=tile_size,
+        matryoshka_dims=DIMS, matryoshka_weights=WEIGHTS,
+    )
+    kwargs = dict(query_hashes=torch.tensor(query_hashes), doc_hashes=torch.tensor(doc_hashes)) if mask_duplicates else {}
+    ours = loss_fn(q, docs, **kwargs)
+    expected = sum(
+        weight * reference_loss(
+            q[:, :dim], docs[..., :dim], 0.1, directions, partition,
+            query_hashes=query_hashes if mask_duplicates else None,
+            doc_hashes=doc_hashes if mask_duplicates else None, margin=margin,
+        )
+        for dim, weight in zip(DIMS, WEIGHTS)
+    )
+    assert abs(ours.item() - expected) < 1e-10
+
+
+class _EmbeddingsAsModel(torch.nn.Module):
+    """What MatryoshkaLoss wraps: a 'model' whose forward returns the embeddings it is given."""
+
+    def forward(self, features):
+        return {"sentence_embedding": features["embedding"]}
+
+    def get_embedding_dimension(self):
+        return DIMS[0]
+
+
+@pytest.mark.parametrize("directions,partition", [(("query_to_doc",), "joint"), (DIRECTIONS, "joint"),
+                                                  (("query_to_doc", "doc_to_query"), "per_direction")])
+@pytest.mark.parametrize("tile_size", [None, 5])
+def test_matryoshka_matches_sentence_transformers_matryoshka_loss(directions, partition, tile_size):
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    q, docs = embeddings(n=2, d=16)
+    ours = loss_and_grads(
+        ContrastiveLoss(temperature=0.05, directions=directions, partition=partition, tile_size=tile_size,
+                        matryoshka_dims=DIMS, matryoshka_weights=WEIGHTS),
+        q, docs,
+    )
+    model = _EmbeddingsAsModel()
+    inner = MultipleNegativesRankingLoss(model=model, scale=20.0, directions=directions, partition_mode=partition)
+    theirs_fn = MatryoshkaLoss(model, inner, matryoshka_dims=list(DIMS), matryoshka_weights=list(WEIGHTS))
+    q_ref, docs_ref = q.clone().requires_grad_(), docs.clone().requires_grad_()
+    features = [{"embedding": q_ref}] + [{"embedding": docs_ref[:, c]} for c in range(docs.shape[1])]
+    theirs = theirs_fn(features, labels=None)
+    theirs.backward()
+    torch.testing.assert_close(ours[0], theirs.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], q_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[2], docs_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_matryoshka_sizes_beyond_the_embedding_are_a_clear_error():
+    q, docs = embeddings(d=16)
+    with pytest.raises(ValueError, match="exceed the embedding size 16"):
+        ContrastiveLoss(matryoshka_dims=[32, 16])(q, docs)

@@ -231,3 +231,24 @@ def test_two_sources_same_source_batches_world_size_invariance_and_resume(assets
     run_trainer(resumed, *args, "trainer.stop_after_step=3")
     run_trainer(resumed, *args)
     torch.testing.assert_close(losses(resumed), losses(single), atol=1e-6, rtol=0)
+
+
+def test_matryoshka_run_reports_each_size_and_records_them_in_the_export(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(run_dir, *common(assets, "data.batch_size=16", "trainer.max_steps=2", "wandb.mode=disabled",
+                                 "loss.matryoshka_dims=[32,16,8]", "loss.matryoshka_weights=[1,1,0.5]"))
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
+    for e in evals:
+        assert {"ndcg@10", "ndcg@10/dim16", "ndcg@10/dim8", "recall@10/dim8", "mrr@10/dim16"} <= e.keys()
+        assert "ndcg@10/dim32" not in e  # the full size is the plain figure
+    config = json.loads((run_dir / "model" / "config_sentence_transformers.json").read_text())
+    assert config["matryoshka_dims"] == [32, 16, 8]
+
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["w1 w2 w3", "w7 w8 w9 w10 w11 w12"]
+    full = torch.tensor(SentenceTransformer(str(run_dir / "model"), device="cpu").encode(texts))
+    small = torch.tensor(SentenceTransformer(str(run_dir / "model"), device="cpu", truncate_dim=8).encode(texts))
+    torch.testing.assert_close(torch.nn.functional.normalize(small, dim=-1),
+                               torch.nn.functional.normalize(full[:, :8], dim=-1), atol=1e-5, rtol=1e-5)

@@ -145,6 +145,11 @@ class LossConfig:
     """If set, mask negatives whose cosine beats the positive's by more than this margin."""
     tile_size: Optional[int] = None
     """If set, compute the softmax over column tiles of this size (memory linear in the batch)."""
+    matryoshka_dims: Optional[List[int]] = None
+    """Matryoshka: if set (e.g. [384, 256, 128, 64]), the loss is the weighted sum of the loss on
+    embeddings truncated to each size and normalised again (sentence-transformers' MatryoshkaLoss)."""
+    matryoshka_weights: Optional[List[float]] = None
+    """One weight per matryoshka_dims size; null = 1 each."""
 
 
 @dataclass

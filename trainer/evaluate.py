@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from trainer.data import DataError, jsonl_records
 from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, topk_search
@@ -101,10 +102,13 @@ def evaluate(
     k: int = 10,
     lockstep: bool = False,
     progress: bool = False,
+    dims: Sequence[int] = (),
 ) -> dict[str, float]:
     """The metrics, on every rank (a collective: every rank calls it with the same data).
 
     lockstep: every rank runs the same number of forwards (ZeRO-3, where a forward is collective).
+    dims: Matryoshka sizes to report as well, from the same embeddings truncated and normalised
+    again: "ndcg@10/dim64" and so on (a size equal to the full one is the plain figures).
     """
     from trainer import distributed
 
@@ -113,9 +117,16 @@ def evaluate(
     queries = embed_everywhere(embed_queries, data.query_texts, batch_size, lockstep, "embed queries" if progress else None)
     doc_plan = plan_batches(data.corpus_texts, batch_size, distributed.world_size())
     doc_ids, docs = embed_shard(embed_docs, data.corpus_texts, doc_plan, lockstep, "embed corpus" if progress else None)
-    scores, ids = topk_search(queries, docs, torch.as_tensor(doc_ids), k)
-    scores, ids = merge_ranks(scores, ids)
-    return ranking_metrics(ids.tolist(), data, k)
+    def metrics_at(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
+        _, ids = merge_ranks(*topk_search(q, d, torch.as_tensor(doc_ids), k))
+        return ranking_metrics(ids.tolist(), data, k)
+
+    result = metrics_at(queries, docs)
+    for dim in sorted(set(dims), reverse=True):
+        if dim < queries.shape[1]:
+            truncated = metrics_at(F.normalize(queries[:, :dim], dim=-1), F.normalize(docs[:, :dim], dim=-1))
+            result.update({f"{name}/dim{dim}": value for name, value in truncated.items()})
+    return result
 
 
 def _run(cfg) -> None:

@@ -17,12 +17,16 @@ the loss is the mean over local rows. s is cosine similarity / temperature. Thes
 semantics of sentence-transformers' MultipleNegativesRankingLoss (v5.3+), checked number for
 number in tests/test_losses.py.
 
+Matryoshka (matryoshka_dims): the weighted sum of that loss on the embeddings truncated to each
+size and normalised again (sentence-transformers' MatryoshkaLoss), from one gather at full size.
+
 Both partitions reduce to one logsumexp per block (joint = logsumexp of the block logsumexps),
 which is what lets the tiled variant stream over columns without ever holding a full block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +60,20 @@ class LossStats:
 @dataclass(frozen=True)
 class _GlobalBatch:
     """One rank's view of the global batch: its own rows, everyone's columns (all normalised)."""
+
+    def truncated(self, dim: int) -> _GlobalBatch:
+        """The same batch on the first dim coordinates of the embeddings, normalised again.
+        (Truncating a normalised vector and normalising it equals doing so to the raw one.)"""
+        queries = F.normalize(self.queries[:, :dim], dim=-1)
+        positives = F.normalize(self.positives[:, :dim], dim=-1)
+        return dataclasses.replace(
+            self,
+            queries=queries,
+            positives=positives,
+            all_queries=F.normalize(self.all_queries[:, :dim], dim=-1),
+            doc_columns=F.normalize(self.doc_columns[:, :dim], dim=-1),
+            pos_cos=(queries * positives).sum(-1),
+        )
 
     queries: Tensor  # (b, d) local rows
     positives: Tensor  # (b, d) local rows
@@ -108,6 +126,11 @@ class ContrastiveLoss(nn.Module):
             function that recomputes tiles in backward: same values and gradients, memory O(b * tile)
             for the scores instead of O(b * C * N).
         gather: gather q and docs across ranks when torch.distributed is initialised with W > 1.
+        matryoshka_dims: if set, the loss is the weighted sum over these sizes of the loss on the
+            first `dim` coordinates of every embedding, normalised again (a size may equal the
+            full one). The embeddings are gathered once; the training-health figures are the
+            largest size's.
+        matryoshka_weights: one weight per size (default 1 each).
     """
 
     def __init__(
@@ -120,6 +143,8 @@ class ContrastiveLoss(nn.Module):
         false_negative_margin: float | None = None,
         tile_size: int | None = None,
         gather: bool = True,
+        matryoshka_dims: tuple[int, ...] | list[int] | None = None,
+        matryoshka_weights: tuple[float, ...] | list[float] | None = None,
     ) -> None:
         super().__init__()
         directions = tuple(directions)
@@ -141,6 +166,23 @@ class ContrastiveLoss(nn.Module):
             )
         if tile_size is not None and (int(tile_size) != tile_size or tile_size < 1):
             raise ValueError(f"tile_size must be a positive integer or None, got {tile_size}")
+        if matryoshka_dims is not None:
+            dims = list(matryoshka_dims)
+            if not dims or any(int(d) != d or d < 1 for d in dims) or len(set(dims)) != len(dims):
+                raise ValueError(f"matryoshka_dims must be distinct positive integers, got {matryoshka_dims}")
+            if matryoshka_weights is not None and (
+                len(matryoshka_weights) != len(dims) or any(not w > 0 for w in matryoshka_weights)
+            ):
+                raise ValueError(
+                    f"matryoshka_weights must be {len(dims)} positive numbers (one per size), got {matryoshka_weights}"
+                )
+        elif matryoshka_weights is not None:
+            raise ValueError("matryoshka_weights needs matryoshka_dims")
+        self.matryoshka_dims = None if matryoshka_dims is None else tuple(int(d) for d in matryoshka_dims)
+        self.matryoshka_weights = (
+            None if self.matryoshka_dims is None
+            else tuple(float(w) for w in (matryoshka_weights or [1.0] * len(self.matryoshka_dims)))
+        )
         self.temperature = float(temperature)
         # Keep the blocks in the canonical order whatever order the caller listed them in.
         self.directions = tuple(d for d in DIRECTIONS if d in directions)
@@ -168,7 +210,8 @@ class ContrastiveLoss(nn.Module):
         return (
             f"temperature={self.temperature}, directions={self.directions}, partition={self.partition!r}, "
             f"mask_duplicates={self.mask_duplicates}, false_negative_margin={self.false_negative_margin}, "
-            f"tile_size={self.tile_size}"
+            f"tile_size={self.tile_size}, matryoshka_dims={self.matryoshka_dims}, "
+            f"matryoshka_weights={self.matryoshka_weights}"
         )
 
     def forward(
@@ -189,17 +232,31 @@ class ContrastiveLoss(nn.Module):
         # The loss is always computed in at least fp32, outside any autocast of the caller: in
         # bf16 the scores of 32K columns would lose the differences the softmax is about.
         with torch.autocast(device_type=q.device.type, enabled=False):
-            batch = self._global_batch(q, docs, query_hashes, doc_hashes)
-            blocks = self._blocks(batch)
-            if self.tile_size is None:
-                block_lses, hardest = self._dense_block_lses(blocks, batch)
+            full = self._global_batch(q, docs, query_hashes, doc_hashes)
+            if self.matryoshka_dims is None:
+                loss, stats = self._loss(full)
             else:
-                block_lses, hardest = self._tiled_block_lses(blocks, batch)
-            stacked = torch.stack(block_lses, dim=1)
-            log_z = torch.logsumexp(stacked, dim=1) if self.partition == "joint" else stacked.mean(dim=1)
-            loss = (log_z - batch.pos_cos * self.scale).mean()
-        self.last_stats = _stats(batch.pos_cos.detach(), hardest)
+                if max(self.matryoshka_dims) > q.shape[1]:
+                    raise ValueError(f"matryoshka_dims {self.matryoshka_dims} exceed the embedding size {q.shape[1]}")
+                loss, stats = 0.0, None
+                largest = max(self.matryoshka_dims)
+                for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+                    dim_loss, dim_stats = self._loss(full.truncated(dim))
+                    loss = loss + weight * dim_loss
+                    stats = dim_stats if dim == largest else stats
+        self.last_stats = stats
         return loss
+
+    def _loss(self, batch: _GlobalBatch) -> tuple[Tensor, LossStats]:
+        blocks = self._blocks(batch)
+        if self.tile_size is None:
+            block_lses, hardest = self._dense_block_lses(blocks, batch)
+        else:
+            block_lses, hardest = self._tiled_block_lses(blocks, batch)
+        stacked = torch.stack(block_lses, dim=1)
+        log_z = torch.logsumexp(stacked, dim=1) if self.partition == "joint" else stacked.mean(dim=1)
+        loss = (log_z - batch.pos_cos * self.scale).mean()
+        return loss, _stats(batch.pos_cos.detach(), hardest)
 
     def _check_shapes(self, q: Tensor, docs: Tensor, query_hashes: Tensor | None, doc_hashes: Tensor | None) -> None:
         if q.dim() != 2 or docs.dim() != 3 or docs.shape[0] != q.shape[0] or docs.shape[2] != q.shape[1]:

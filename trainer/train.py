@@ -103,6 +103,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         mask_duplicates=cfg.loss.mask_duplicates,
         false_negative_margin=cfg.loss.false_negative_margin,
         tile_size=cfg.loss.tile_size,
+        matryoshka_dims=list(cfg.loss.matryoshka_dims) if cfg.loss.matryoshka_dims else None,
+        matryoshka_weights=list(cfg.loss.matryoshka_weights) if cfg.loss.matryoshka_weights else None,
     )
     step_fn = GradCache(
         backend.model, loss_fn, cfg.grad_cache.chunk_size, chunk_tokens=cfg.grad_cache.chunk_tokens,
@@ -146,6 +148,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
             eval_set,
             cfg.eval.batch_size,
             lockstep=backend.partitions_parameters,
+            dims=cfg.loss.matryoshka_dims or (),
         )
         encoder.train()
         if env.is_main:
@@ -283,6 +286,13 @@ def _export(backend, tokenizer, cfg, folder: Path, is_main: bool) -> None:
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     backend.export(tmp, tokenizer, max_seq_length=cfg.model.doc_max_length)
+    if is_main and cfg.loss.matryoshka_dims:
+        # The sizes it was trained for, beside sentence-transformers' own keys (which ignores
+        # this one): SentenceTransformer(path, truncate_dim=d) serves each of them.
+        st_config = tmp / "config_sentence_transformers.json"
+        config = json.loads(st_config.read_text())
+        config["matryoshka_dims"] = sorted(cfg.loss.matryoshka_dims, reverse=True)
+        st_config.write_text(json.dumps(config, indent=2))
     if is_main:
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)

@@ -1,4 +1,4 @@
-"""Under torchrun (2 ranks): each preset's gathered loss equals the single-process loss on the
+"""Under torchrun (2 ranks): each preset's gathered loss (with and without Matryoshka sizes) equals the single-process loss on the
 concatenated batch, and its gradients after DDP-style averaging equal the full-batch gradients.
 Duplicated texts sit on different ranks, so duplicate masking must work across the gather."""
 
@@ -29,8 +29,11 @@ docs_all[7, 2] = docs_all[0, 0]
 
 rows = slice(r * LOCAL, (r + 1) * LOCAL)
 checked = 0
-for preset, tile_size, mask_duplicates, margin in itertools.product(sorted(PRESETS), [None, 5], [False, True], [None, 0.1]):
-    options = dict(tile_size=tile_size, mask_duplicates=mask_duplicates, false_negative_margin=margin)
+for preset, tile_size, mask_duplicates, margin, dims in itertools.product(
+    sorted(PRESETS), [None, 5], [False, True], [None, 0.1], [None, (16, 8, 4)]
+):
+    options = dict(tile_size=tile_size, mask_duplicates=mask_duplicates, false_negative_margin=margin,
+                   matryoshka_dims=dims)
     hashes = dict(query_hashes=query_hashes, doc_hashes=doc_hashes) if mask_duplicates else {}
     local_hashes = {k: v[rows] for k, v in hashes.items()}
 
@@ -44,7 +47,7 @@ for preset, tile_size, mask_duplicates, margin in itertools.product(sorted(PRESE
     ref = ContrastiveLoss.from_preset(preset, gather=False, **options)(q_ref, docs_ref, **hashes)
     ref.backward()
 
-    name = f"{preset} tile={tile_size} dup={mask_duplicates} margin={margin}"
+    name = f"{preset} tile={tile_size} dup={mask_duplicates} margin={margin} matryoshka={dims}"
     mean_loss = distributed.all_reduce_mean(loss)
     torch.testing.assert_close(mean_loss, ref.detach(), atol=1e-10, rtol=0, msg=name)
     # DDP averages parameter gradients over ranks: the embedding gradient it implies is grad / W.
