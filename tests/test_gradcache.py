@@ -180,3 +180,40 @@ def test_token_budget_chunks_respect_the_budget_and_ordering_cuts_padding():
 def test_bad_chunk_tokens_is_a_clear_error():
     with pytest.raises(ValueError, match="chunk_tokens must be > 0"):
         GradCache(tiny_encoder(), ContrastiveLoss(), chunk_tokens=0)
+
+
+@pytest.mark.parametrize("chunk_size", [None, CHUNK])
+def test_gradient_checkpointing_leaves_losses_and_gradients_unchanged(chunk_size):
+    """With dropout on, so the recomputed layers must draw the masks the first forward drew."""
+    queries, docs = batches()
+    loss_fn = ContrastiveLoss()
+    results = []
+    for checkpointing in (False, True):
+        encoder = tiny_encoder(dropout=0.1)
+        if checkpointing:
+            encoder.enable_gradient_checkpointing()
+        encoder.train()
+        torch.manual_seed(7)
+        out = GradCache(encoder, loss_fn, chunk_size=chunk_size)(queries, docs)
+        results.append((out.loss, grads_of(encoder), torch.rand(4)))
+    (loss, grads, after), (ckpt_loss, ckpt_grads, ckpt_after) = results
+    torch.testing.assert_close(ckpt_loss, loss, atol=1e-6, rtol=0)
+    assert_same_grads(ckpt_grads, grads, atol=1e-6)
+    torch.testing.assert_close(ckpt_after, after)  # and training's RNG stream goes on unchanged
+
+
+def test_gradient_checkpointing_is_really_on():
+    """Each layer runs again in the backward pass: the equality test above can fail."""
+    queries, _ = batches()
+    calls = []
+    for checkpointing in (False, True):
+        encoder = tiny_encoder()
+        if checkpointing:
+            encoder.enable_gradient_checkpointing()
+        encoder.train()
+        forwards = []
+        # A module inside the layer: the checkpoint wraps the layer's forward, not its hooks.
+        encoder.backbone.encoder.layer[0].intermediate.register_forward_hook(lambda *_: forwards.append(1))
+        encoder(**queries).sum().backward()
+        calls.append(len(forwards))
+    assert calls == [1, 2]

@@ -252,3 +252,10 @@ def test_matryoshka_run_reports_each_size_and_records_them_in_the_export(assets,
     small = torch.tensor(SentenceTransformer(str(run_dir / "model"), device="cpu", truncate_dim=8).encode(texts))
     torch.testing.assert_close(torch.nn.functional.normalize(small, dim=-1),
                                torch.nn.functional.normalize(full[:, :8], dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_run_has_the_losses_of_the_plain_run(assets, full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(run_dir, *common(assets, "data.batch_size=16", "trainer.max_steps=6", "trainer.health_every=3",
+                                 "model.gradient_checkpointing=true", "eval.data=null", "wandb.mode=disabled"))
+    torch.testing.assert_close(losses(run_dir), losses(full_run), atol=1e-6, rtol=0)

@@ -89,6 +89,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run the Python code a model folder ships (its config's auto_map). Off: such a model is
     refused, since its code runs with the trainer's rights."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (HF models
+    that support it): less memory per GradCache chunk, about one more forward; losses and
+    gradients are unchanged, dropout included."""
 
 
 @dataclass

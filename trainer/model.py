@@ -104,6 +104,21 @@ class Encoder(nn.Module):
         backbone = AutoModel.from_pretrained(path, config=config, **hf_kwargs)
         return cls(backbone, pooling=pooling or _saved_pooling(path) or "mean")
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each layer's input during the backward pass and recompute the rest: far less
+        activation memory per chunk for about one more forward. Non-reentrant checkpointing
+        stashes and restores the RNG state around each recomputed layer, so dropout draws the same
+        masks; with GradCache's own replay the losses and gradients are those of the run without it."""
+        if not getattr(self.backbone, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"model.gradient_checkpointing: {type(self.backbone).__name__} does not support gradient checkpointing"
+            )
+        # transformers 5 renamed it (the old name warns); older releases know only the old one.
+        if hasattr(self.backbone, "activation_checkpointing_enable"):
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     @property
     def dim(self) -> int:
         return self.backbone.config.hidden_size

@@ -91,6 +91,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout,
         trust_remote_code=cfg.model.trust_remote_code, **hf_kwargs,
     )
+    if cfg.model.gradient_checkpointing:
+        encoder.enable_gradient_checkpointing()
     encoder.to(device).train()
     if cfg.trainer.compile:
         # In place (nn.Module.compile): parameter names, checkpoints and the export stay as they are.
