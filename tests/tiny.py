@@ -92,6 +92,36 @@ def write_tiny_model(folder: Path, dropout: float = 0.0) -> Path:
     return folder
 
 
+def decoder_tokenizer():
+    """A decoder-style word-level tokenizer (GPT/Qwen-like): no special tokens added, an
+    end-of-text token that is also the padding token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<unk>", "<|endoftext|>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        model_max_length=64, padding_side="left",
+    )
+
+
+def write_tiny_decoder(folder: Path) -> Path:
+    """A saved random tiny Qwen3 (a decoder LLM, as in Qwen3-Embedding) with decoder_tokenizer()."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    decoder_tokenizer().save_pretrained(folder)
+    config = Qwen3Config(
+        vocab_size=len(WORDS) + 2, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen3Model(config).save_pretrained(folder)
+    return folder
+
+
 def synthetic_pairs(rows: int, seed: int = 0, negatives: int = 0) -> list[dict]:
     """Queries of 3 words; each positive repeats its query's words among others, so there is
     something to learn. Rows 5 and 6 share a positive text (a real in-batch duplicate)."""

@@ -89,6 +89,12 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run the Python code a model folder ships (its config's auto_map). Off: such a model is
     refused, since its code runs with the trainer's rights."""
+    append_eos: Optional[bool] = None
+    """For last_token pooling: append the tokenizer's end-of-text token to every text (decoder
+    embedders embed its state); None = yes when the tokenizer has one and does not add it itself."""
+    task: Optional[str] = None
+    """Fills {task} in the prefixes, for instruction prompts: model.query_prefix='Instruct:
+    {task}\nQuery: ' model.task='Given a web search query, retrieve relevant passages'."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (HF models
     that support it): less memory per GradCache chunk, about one more forward; losses and

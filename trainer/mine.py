@@ -318,7 +318,10 @@ def _check_settings(cfg) -> None:
 
 def mine(cfg) -> dict:
     """Run the whole mining described by cfg (conf/tools/mine.yaml); returns the summary (every rank)."""
-    from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, resolve_model_path, text_embedder
+    from trainer.model import (
+        AUTOCAST_DTYPES, Encoder, ends_with_eos, fill_task, load_tokenizer, resolve_device, resolve_model_path,
+        text_embedder,
+    )
 
     started = time.perf_counter()
     _check_settings(cfg)
@@ -342,13 +345,17 @@ def mine(cfg) -> dict:
     encoder = Encoder.from_pretrained(
         model.name_or_path, pooling=model.pooling.value, trust_remote_code=model.trust_remote_code
     ).to(device).eval()
-    tokenizer = load_tokenizer(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    tokenizer = load_tokenizer(model.name_or_path, trust_remote_code=model.trust_remote_code,
+                               pooling=model.pooling.value, append_eos=model.append_eos)
     dtype = AUTOCAST_DTYPES[cfg.precision.value]
-    embed_docs = text_embedder(encoder, tokenizer, model.doc_prefix, model.doc_max_length, device, dtype)
-    embed_queries = text_embedder(encoder, tokenizer, model.query_prefix, model.query_max_length, device, dtype)
+    query_prefix = fill_task(model.query_prefix, model.task, "model.query_prefix")
+    doc_prefix = fill_task(model.doc_prefix, model.task, "model.doc_prefix")
+    embed_docs = text_embedder(encoder, tokenizer, doc_prefix, model.doc_max_length, device, dtype)
+    embed_queries = text_embedder(encoder, tokenizer, query_prefix, model.query_max_length, device, dtype)
     settings = {
         "model": _model_fingerprint(resolve_model_path(model.name_or_path)), "pooling": model.pooling.value,
-        "prefix": model.doc_prefix, "max_length": model.doc_max_length, "precision": cfg.precision.value,
+        "prefix": doc_prefix, "max_length": model.doc_max_length, "precision": cfg.precision.value,
+        "append_eos": ends_with_eos(tokenizer),
     }
     doc_ids, docs = embed_pool(embed_docs, pool, cfg.batch_size, cfg.embeddings_cache, settings)
     docs = docs.to(device)

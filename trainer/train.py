@@ -31,7 +31,7 @@ from trainer.evaluate import evaluate, load_beir
 from trainer.gradcache import GradCache, StepOutput
 from trainer.losses import PRESETS, ContrastiveLoss
 from trainer.metrics import RunLogger, alignment, embedding_std, uniformity
-from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, text_embedder
+from trainer.model import AUTOCAST_DTYPES, Encoder, fill_task, load_tokenizer, resolve_device, text_embedder
 from trainer.preemption import StopRequest
 
 BEST_MODEL = "best-model"  # with early stopping: the best evaluation's model so far
@@ -63,10 +63,10 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     sources = parse_sources(OmegaConf.to_container(train_spec) if OmegaConf.is_config(train_spec) else train_spec)
     eval_set = load_beir(cfg.eval.data) if cfg.eval.data else None
     early_stopping = _early_stopping(cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    settings = TokenSettings(
-        cfg.model.query_max_length, cfg.model.doc_max_length, cfg.model.query_prefix, cfg.model.doc_prefix
-    )
+    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                               pooling=cfg.model.pooling.value, append_eos=cfg.model.append_eos)
+    query_prefix, doc_prefix = _prefixes(cfg)
+    settings = TokenSettings(cfg.model.query_max_length, cfg.model.doc_max_length, query_prefix, doc_prefix)
     data = prepare(sources, columns, tokenizer, settings, cfg.data.cache_dir)
     num_negatives = resolve_num_negatives(data, sources, cfg.data.num_negatives, cfg.data.missing_negatives.value)
     same_source = cfg.data.same_source_batches if cfg.data.same_source_batches is not None else len(sources) > 1
@@ -145,8 +145,8 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
             return None
         encoder.eval()
         result = evaluate(
-            text_embedder(encoder, tokenizer, cfg.model.query_prefix, cfg.model.query_max_length, device, autocast_dtype),
-            text_embedder(encoder, tokenizer, cfg.model.doc_prefix, cfg.model.doc_max_length, device, autocast_dtype),
+            text_embedder(encoder, tokenizer, query_prefix, cfg.model.query_max_length, device, autocast_dtype),
+            text_embedder(encoder, tokenizer, doc_prefix, cfg.model.doc_max_length, device, autocast_dtype),
             eval_set,
             cfg.eval.batch_size,
             lockstep=backend.partitions_parameters,
@@ -288,17 +288,27 @@ def _export(backend, tokenizer, cfg, folder: Path, is_main: bool) -> None:
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     backend.export(tmp, tokenizer, max_seq_length=cfg.model.doc_max_length)
-    if is_main and cfg.loss.matryoshka_dims:
-        # The sizes it was trained for, beside sentence-transformers' own keys (which ignores
-        # this one): SentenceTransformer(path, truncate_dim=d) serves each of them.
+    if is_main:
         st_config = tmp / "config_sentence_transformers.json"
         config = json.loads(st_config.read_text())
-        config["matryoshka_dims"] = sorted(cfg.loss.matryoshka_dims, reverse=True)
+        query_prefix, doc_prefix = _prefixes(cfg)
+        if query_prefix or doc_prefix:
+            # model.encode(texts, prompt_name="query") prepends what training prepended.
+            config["prompts"] = {"query": query_prefix, "document": doc_prefix}
+        if cfg.loss.matryoshka_dims:
+            # The sizes it was trained for, beside sentence-transformers' own keys (it ignores
+            # this one): SentenceTransformer(path, truncate_dim=d) serves each of them.
+            config["matryoshka_dims"] = sorted(cfg.loss.matryoshka_dims, reverse=True)
         st_config.write_text(json.dumps(config, indent=2))
-    if is_main:
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     distributed.barrier()
+
+
+def _prefixes(cfg) -> tuple[str, str]:
+    """The query and document prefixes, with model.task filled into an instruction prompt."""
+    return (fill_task(cfg.model.query_prefix, cfg.model.task, "model.query_prefix"),
+            fill_task(cfg.model.doc_prefix, cfg.model.task, "model.doc_prefix"))
 
 
 def _early_stopping(cfg) -> EarlyStopping | None:
