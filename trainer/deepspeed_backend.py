@@ -23,7 +23,7 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from trainer import distributed, safe_load
-from trainer.backends import StepResult, make_scheduler
+from trainer.backends import StepResult, make_scheduler, trainable_parameters
 from trainer.deepspeed_config import offloads_optimizer
 from trainer.model import Encoder, save_sentence_transformer
 
@@ -45,10 +45,10 @@ class DeepSpeedBackend:
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # steps the CPU-held state in place
 
             optimizer = DeepSpeedCPUAdam(
-                encoder.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, adamw_mode=True
+                trainable_parameters(encoder), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, adamw_mode=True
             )
         else:
-            optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+            optimizer = torch.optim.AdamW(trainable_parameters(encoder), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
         self.encoder = encoder
         # The schedule is built on the optimizer DeepSpeed hands back after wrapping it, so that its
         # learning rate reaches the parameter groups ZeRO actually steps.

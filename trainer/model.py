@@ -7,6 +7,7 @@ normalisation with a module of their own.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from pathlib import Path
@@ -104,6 +105,19 @@ class Encoder(nn.Module):
         backbone = AutoModel.from_pretrained(path, config=config, **hf_kwargs)
         return cls(backbone, pooling=pooling or _saved_pooling(path) or "mean")
 
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | str | None = None) -> None:
+        """Freeze the transformer and train low-rank adapters on its linear layers (peft's LoRA).
+        target_modules None = every linear layer of the backbone: the attention and MLP
+        projections, whatever the architecture calls them (peft's "all-linear")."""
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or "all-linear")
+        self.backbone = get_peft_model(self.backbone, config)
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.backbone, "peft_config")
+
     def enable_gradient_checkpointing(self) -> None:
         """Keep only each layer's input during the backward pass and recompute the rest: far less
         activation memory per chunk for about one more forward. Non-reentrant checkpointing
@@ -155,7 +169,13 @@ def save_sentence_transformer(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    encoder.backbone.save_pretrained(folder, state_dict=backbone_state)
+    if encoder.has_lora:
+        # The adapter beside the model, and the model with the adapter merged into its weights:
+        # what sentence-transformers (and anyone) loads without peft.
+        encoder.backbone.save_pretrained(folder / "adapter")
+        copy.deepcopy(encoder.backbone).merge_and_unload().save_pretrained(folder)
+    else:
+        encoder.backbone.save_pretrained(folder, state_dict=backbone_state)
     tokenizer.save_pretrained(folder)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

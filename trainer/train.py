@@ -91,6 +91,10 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
         cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout,
         trust_remote_code=cfg.model.trust_remote_code, **hf_kwargs,
     )
+    if cfg.model.lora.r:
+        lora = cfg.model.lora
+        targets = list(lora.target_modules) if lora.target_modules else None
+        encoder.add_lora(lora.r, lora.alpha, lora.dropout, targets)
     if cfg.model.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
     encoder.to(device).train()
@@ -338,6 +342,12 @@ def _backend_settings(cfg, world_size: int) -> tuple[str, dict]:
         max_grad_norm=cfg.trainer.max_grad_norm,
         precision=precision,
     )
+    if cfg.model.lora.r and config["zero_optimization"]["stage"] == 3:
+        raise ValueError(
+            "model.lora with DeepSpeed ZeRO-3 is not supported yet (its export would have to merge partitioned "
+            "adapters); use deepspeed.zero_stage=2: the frozen weights are then replicated, the adapters' "
+            "gradients and optimizer state sharded"
+        )
     return name, {"config": config}
 
 
