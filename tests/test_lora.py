@@ -71,3 +71,14 @@ def test_lora_with_zero3_is_refused_clearly(assets, tmp_path):
                        nproc=2, expect_ok=False)
     assert proc.returncode != 0
     assert "model.lora with DeepSpeed ZeRO-3 is not supported yet" in proc.stderr
+
+
+def test_lora_stopped_and_resumed_equals_the_uninterrupted_run(assets, one_rank, tmp_path):
+    run_dir = tmp_path / "run"
+    run_trainer(run_dir, *lora_args(assets, "trainer.stop_after_step=2"))
+    proc = run_trainer(run_dir, *lora_args(assets))
+    assert f"resuming from {run_dir}/checkpoints/step-2 (step 2)" in proc.stdout
+    torch.testing.assert_close(losses(run_dir), losses(one_rank), atol=1e-6, rtol=0)
+    resumed, plain = load_file(run_dir / "model" / "model.safetensors"), load_file(one_rank / "model" / "model.safetensors")
+    for name in plain:
+        torch.testing.assert_close(resumed[name], plain[name], atol=1e-6, rtol=0)
