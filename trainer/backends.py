@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedTokenizerBase, get_scheduler
@@ -110,8 +109,7 @@ class DDPBackend:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.max_grad_norm)
         # DDP's reduction makes the norm identical on every rank; agree anyway, in case a rank's
         # gradients went bad after it (the check is one scalar).
-        bad = torch.tensor([0.0 if torch.isfinite(grad_norm) else 1.0])
-        finite = not bool(distributed.all_reduce(bad, dist.ReduceOp.MAX).item())
+        finite = not distributed.any_rank(not bool(torch.isfinite(grad_norm)))
         if self.grad_scaler is not None:
             if not finite:  # what the scaler finds on its own; make sure every rank finds it
                 next(p.grad for p in self.encoder.parameters() if p.grad is not None).fill_(math.inf)

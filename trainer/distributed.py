@@ -203,6 +203,11 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
     return out.to(tensor.device)
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when flag is True on any rank (a collective: every rank calls it)."""
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), dist.ReduceOp.MAX).item())
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` over ranks (a new tensor; for logging, not for gradients)."""
     return all_reduce(tensor) / world_size()

@@ -19,16 +19,17 @@ MANIFEST = "manifest.json"
 _FORMAT = 1
 
 
-def _digest(path: Path) -> str:
+def _digest(path: Path, durable: bool) -> str:
     with path.open("rb") as f:
-        # Hashing reads the file back anyway; make it durable before the manifest vouches for it.
-        os.fsync(f.fileno())
+        if durable:  # writing: make the file durable before the manifest vouches for it
+            os.fsync(f.fileno())
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _shared_hashes(folder: Path, names: list[str]) -> dict[str, str]:
-    """{name: sha256} for names in folder, every rank hashing its share (a collective)."""
-    mine = {name: _digest(folder / name) for name in names[distributed.rank() :: distributed.world_size()]
+def _shared_hashes(folder: Path, names: list[str], durable: bool = False) -> dict[str, str]:
+    """{name: sha256} for names in folder, every rank hashing its share (a collective); durable
+    also fsyncs each file."""
+    mine = {name: _digest(folder / name, durable) for name in names[distributed.rank() :: distributed.world_size()]
             if (folder / name).is_file()}
     merged: dict[str, str] = {}
     for part in distributed.gather_objects(mine):
@@ -46,7 +47,7 @@ def _listing(folder: Path) -> list[str]:
 def write(folder: Path) -> None:
     """Hash every file in folder and write folder/manifest.json (a collective; rank 0 writes)."""
     names = _listing(folder)
-    hashes = _shared_hashes(folder, names)
+    hashes = _shared_hashes(folder, names, durable=True)
     if distributed.is_main():
         files = {name: {"size": (folder / name).stat().st_size, "sha256": hashes[name]} for name in names}
         tmp = folder / (MANIFEST + ".tmp")

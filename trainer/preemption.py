@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 from trainer import distributed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -35,8 +32,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank has received a signal (a collective)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        return bool(distributed.all_reduce(flag, dist.ReduceOp.MAX).item())
+        return distributed.any_rank(self.received is not None)
 
     def hand_over(self) -> None:
         """After the checkpoint: give the received signal to the handler that was there before

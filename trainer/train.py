@@ -15,7 +15,6 @@ from pathlib import Path
 
 import datasets
 import torch
-import torch.distributed as dist
 import transformers
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -282,8 +281,7 @@ class TrainingDiverged(RuntimeError):
 
 def _agree_finite(loss: torch.Tensor) -> bool:
     """True when this step's loss is finite on every rank (a collective)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
-    return not bool(distributed.all_reduce(bad, dist.ReduceOp.MAX).item())
+    return not distributed.any_rank(not bool(torch.isfinite(loss)))
 
 
 def _export(backend, tokenizer, cfg, folder: Path, is_main: bool) -> None:
