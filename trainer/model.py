@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer.lora import merged_state_dict
+
 POOLINGS = ("mean", "cls", "last_token")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Config attributes that hold dropout probabilities, across the common encoder families.
@@ -172,8 +174,13 @@ def save_sentence_transformer(
     if encoder.has_lora:
         # The adapter beside the model, and the model with the adapter merged into its weights:
         # what sentence-transformers (and anyone) loads without peft.
-        encoder.backbone.save_pretrained(folder / "adapter")
-        copy.deepcopy(encoder.backbone).merge_and_unload().save_pretrained(folder)
+        encoder.backbone.save_pretrained(folder / "adapter", state_dict=backbone_state)
+        if backbone_state is None:
+            # A copy, so that the module trained on stays unmerged: twice the model in memory here.
+            copy.deepcopy(encoder.backbone).merge_and_unload().save_pretrained(folder)
+        else:
+            merged = merged_state_dict(encoder.backbone, backbone_state)
+            encoder.backbone.get_base_model().save_pretrained(folder, state_dict=merged)
     else:
         encoder.backbone.save_pretrained(folder, state_dict=backbone_state)
     tokenizer.save_pretrained(folder)

@@ -340,12 +340,6 @@ def _backend_settings(cfg, world_size: int) -> tuple[str, dict]:
         max_grad_norm=cfg.trainer.max_grad_norm,
         precision=precision,
     )
-    if cfg.model.lora.r and config["zero_optimization"]["stage"] == 3:
-        raise ValueError(
-            "model.lora with DeepSpeed ZeRO-3 is not supported yet (its export would have to merge partitioned "
-            "adapters); use deepspeed.zero_stage=2: the frozen weights are then replicated, the adapters' "
-            "gradients and optimizer state sharded"
-        )
     return name, {"config": config}
 
 
