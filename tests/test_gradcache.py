@@ -17,7 +17,7 @@ def batches(seed=0):
 
 
 def grads_of(encoder):
-    return {name: p.grad.detach().clone() for name, p in encoder.named_parameters()}
+    return {name: p.grad.detach().clone() for name, p in encoder.named_parameters() if p.requires_grad}
 
 
 def assert_same_grads(a, b, atol=1e-5):
@@ -182,20 +182,31 @@ def test_bad_chunk_tokens_is_a_clear_error():
         GradCache(tiny_encoder(), ContrastiveLoss(), chunk_tokens=0)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("chunk_size", [None, CHUNK])
-def test_gradient_checkpointing_leaves_losses_and_gradients_unchanged(chunk_size):
-    """With dropout on, so the recomputed layers must draw the masks the first forward drew."""
+def test_gradient_checkpointing_leaves_losses_and_gradients_unchanged(chunk_size, lora):
+    """With dropout on (the adapters' too), so the recomputed layers must draw the masks the first
+    forward drew. With LoRA the layers' inputs need no gradient (the embeddings are frozen), which
+    non-reentrant checkpointing must still differentiate through."""
     queries, docs = batches()
     loss_fn = ContrastiveLoss()
     results = []
     for checkpointing in (False, True):
         encoder = tiny_encoder(dropout=0.1)
+        if lora:
+            encoder.add_lora(r=4, alpha=8, dropout=0.1)
+            with torch.no_grad():
+                for name, parameter in encoder.named_parameters():
+                    if "lora_B" in name:  # peft starts B at zero: A would get no gradient
+                        parameter.normal_(std=0.1)
         if checkpointing:
             encoder.enable_gradient_checkpointing()
         encoder.train()
         torch.manual_seed(7)
         out = GradCache(encoder, loss_fn, chunk_size=chunk_size)(queries, docs)
-        results.append((out.loss, grads_of(encoder), torch.rand(4)))
+        grads = grads_of(encoder)
+        assert not lora or all("lora_" in name for name in grads)
+        results.append((out.loss, grads, torch.rand(4)))
     (loss, grads, after), (ckpt_loss, ckpt_grads, ckpt_after) = results
     torch.testing.assert_close(ckpt_loss, loss, atol=1e-6, rtol=0)
     assert_same_grads(ckpt_grads, grads, atol=1e-6)
