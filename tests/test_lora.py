@@ -1,5 +1,5 @@
 """LoRA (peft): only the adapters train, the export is the merged model plus the adapter, and
-2 DDP ranks, ZeRO-2 or ZeRO-3 give the losses and the export of one rank."""
+2 DDP ranks, ZeRO-1, -2 or -3 give the losses (and ZeRO-3 the export) of one rank."""
 
 from __future__ import annotations
 
@@ -103,10 +103,11 @@ def test_lora_under_two_ddp_ranks_equals_one_rank(assets, one_rank, tmp_path):
     torch.testing.assert_close(losses(run_dir), losses(one_rank), atol=1e-6, rtol=0)
 
 
-def test_lora_under_zero2_equals_one_rank(assets, one_rank, tmp_path):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_lora_under_zero1_and_zero2_equals_one_rank(assets, one_rank, tmp_path, stage):
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
-    run_trainer(run_dir, *lora_args(assets, "trainer.backend=deepspeed", "deepspeed.zero_stage=2"), nproc=2)
+    run_trainer(run_dir, *lora_args(assets, "trainer.backend=deepspeed", f"deepspeed.zero_stage={stage}"), nproc=2)
     torch.testing.assert_close(losses(run_dir), losses(one_rank), atol=1e-5, rtol=0)
     assert_sentence_transformers_matches_encoder(run_dir / "model")
 

@@ -4,7 +4,6 @@ every retriever end to end on a tiny model, 2 ranks = 1 rank, and bad input."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.tiny import REPO, WORDS, synthetic_pairs, write_jsonl, write_tiny_model
+from tests.tiny import REPO, WORDS, run_python_module, subprocess_env, synthetic_pairs, write_jsonl, write_tiny_model
 from trainer import config
 from trainer.mine import choose, drop_excluded, fuse, mine
 from trainer.model import Encoder, load_tokenizer, text_embedder
@@ -152,10 +151,12 @@ def test_dense_mining_equals_brute_force(assets, tmp_path):
 
 
 def run_mine(assets, output, nproc, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, "-m", "trainer.mine", *mine_args(assets, output, *extra)],
-                          cwd=assets["root"], env=env, capture_output=True, text=True, timeout=300)
+    env, args = subprocess_env(), mine_args(assets, output, *extra)
+    if nproc == 1:
+        return run_python_module("trainer.mine", args, cwd=assets["root"], env=env, timeout=300)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*launcher, "-m", "trainer.mine", *args], cwd=assets["root"], env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_two_ranks_mine_what_one_rank_mines(assets, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel
 
+from tests.warm_python import WarmPython
 from trainer.model import Encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +159,12 @@ def write_beir(folder: Path, rows: list[dict]) -> Path:
     return folder
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of the tests' command-line runs: offline, one thread per process (2 cores)."""
+    return dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
+
+
 def trainer_command(
     where: list[str], overrides: tuple[str, ...], nproc: int = 1, launcher: list[str] | None = None,
     module: str = "trainer", env_extra: dict | None = None,
@@ -164,8 +172,7 @@ def trainer_command(
     """The command line and environment that run `python -m trainer` (under torchrun if nproc > 1,
     or under the given launcher, e.g. accelerate launch's arguments up to its -m). module may
     name another entry point, e.g. tests.dist_scripts.faulty_trainer."""
-    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env_extra or {}))
+    env = subprocess_env(**(env_extra or {}))
     if module != "trainer":  # the tests package is not installed: let the workers find it
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if launcher is None:
@@ -173,6 +180,28 @@ def trainer_command(
         if nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return [*launcher, "-m", module, *where, *overrides], env
+
+
+_warm_python: WarmPython | None = None
+
+
+def run_python_module(module: str, args: list[str], cwd: Path, env: dict[str, str], timeout: float):
+    """`python -m module args` in cwd with env, as subprocess.run(capture_output=True, text=True)
+    would, through the session's warm interpreter (tests/warm_python.py) when it can serve env."""
+    global _warm_python
+    if _warm_python is None or not _warm_python.serves(env):
+        # A new environment (e.g. a library imported by a test set a variable) takes a new server:
+        # its first run costs what a plain subprocess costs, the next ones are warm again.
+        if _warm_python is not None:
+            _warm_python.close()
+        _warm_python = WarmPython(env)
+    return _warm_python.run(module, args, cwd, env, timeout)
+
+
+@atexit.register
+def _close_warm_python() -> None:
+    if _warm_python is not None:
+        _warm_python.close()
 
 
 def run_trainer(
@@ -190,7 +219,10 @@ def run_trainer(
     CompletedProcess. With multirun, run_dir is the sweep directory."""
     where = ["-m", f"hydra.sweep.dir={run_dir}"] if multirun else [f"hydra.run.dir={run_dir}"]
     cmd, env = trainer_command(where, overrides, nproc, launcher, module, env_extra)
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    if nproc == 1 and launcher is None:
+        proc = run_python_module(module, cmd[3:], cwd=run_dir.parent, env=env, timeout=timeout)
+    else:
+        proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_ok:
         assert proc.returncode == 0, f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
