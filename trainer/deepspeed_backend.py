@@ -25,7 +25,6 @@ from transformers import PreTrainedTokenizerBase
 from trainer import distributed, safe_load
 from trainer.backends import StepResult, make_scheduler, trainable_parameters
 from trainer.deepspeed_config import offloads_optimizer
-from trainer.lora import mergeable_layers
 from trainer.model import Encoder, save_sentence_transformer
 
 CHECKPOINT_TAG = "deepspeed"
@@ -61,8 +60,6 @@ class DeepSpeedBackend:
             dist_init_required=False,
         )
         self.partitions_parameters = self.model.zero_optimization_stage() == 3
-        if self.partitions_parameters and encoder.has_lora:
-            mergeable_layers(encoder.backbone)  # the export merges the gathered weights: fail now if it cannot
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

@@ -1,9 +1,10 @@
-"""Merging LoRA adapters into a state dict, for models whose weights the module does not hold.
+"""Merging LoRA adapters into a state dict: the export's merged model.
 
-peft's merge_and_unload() merges in place, which needs every weight materialised in the module.
-Under ZeRO-3 each rank holds a shard of each weight and rank 0 receives the whole state dict one
-layer at a time (deepspeed_backend.py); merging there, on the gathered tensors, never puts the
-whole model back into the module (which would need it on every rank at once).
+peft's merge_and_unload() merges in place, into the module: exporting that way means a second
+copy of the model where the module lives (the accelerator), so that training's module stays
+unmerged, and under ZeRO-3, where each rank holds a shard of each weight, the whole model put
+back into the module on every rank at once. Merging a state dict works on a CPU copy, or on the
+whole state dict that ZeRO-3 gathers onto rank 0 one layer at a time (deepspeed_backend.py).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def merged_state_dict(peft_model: nn.Module, state: dict[str, Tensor]) -> dict[s
 
 
 def mergeable_layers(peft_model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's LoRA layers, all of which merged_state_dict can merge, or one clear error (so
-    that a ZeRO-3 run learns it before training, not at export)."""
+    """The model's LoRA layers, all of which merged_state_dict can merge, or one clear error (what
+    add_lora checks, so that a run learns it before training, not at export)."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
@@ -45,9 +46,8 @@ def mergeable_layers(peft_model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in layers:
         if not isinstance(module, LoraLinear) or any(module.use_dora.values()):
             raise ValueError(
-                f"model.lora: {name} ({type(module).__name__}) cannot be merged from ZeRO-3's gathered weights; "
-                "only plain LoRA on linear layers can (set model.lora.target_modules to linear layers, or use "
-                "deepspeed.zero_stage=2)"
+                f"model.lora: {name} ({type(module).__name__}) is not a linear layer; the export merges "
+                "adapters on linear layers only: set model.lora.target_modules to linear layers"
             )
     return layers
 

@@ -7,7 +7,6 @@ normalisation with a module of their own.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.lora import merged_state_dict
+from trainer.lora import mergeable_layers, merged_state_dict
 
 POOLINGS = ("mean", "cls", "last_token")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +114,7 @@ class Encoder(nn.Module):
 
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules or "all-linear")
         self.backbone = get_peft_model(self.backbone, config)
+        mergeable_layers(self.backbone)  # the export must be able to merge them: say so now, not after training
 
     @property
     def has_lora(self) -> bool:
@@ -174,13 +174,13 @@ def save_sentence_transformer(
     if encoder.has_lora:
         # The adapter beside the model, and the model with the adapter merged into its weights:
         # what sentence-transformers (and anyone) loads without peft.
-        encoder.backbone.save_pretrained(folder / "adapter", state_dict=backbone_state)
+        # Merged from a CPU copy of the weights (or ZeRO-3's gathered ones): the module trained on
+        # stays unmerged, and no second model is ever allocated on the accelerator.
         if backbone_state is None:
-            # A copy, so that the module trained on stays unmerged: twice the model in memory here.
-            copy.deepcopy(encoder.backbone).merge_and_unload().save_pretrained(folder)
-        else:
-            merged = merged_state_dict(encoder.backbone, backbone_state)
-            encoder.backbone.get_base_model().save_pretrained(folder, state_dict=merged)
+            backbone_state = {name: value.detach().cpu() for name, value in encoder.backbone.state_dict().items()}
+        encoder.backbone.save_pretrained(folder / "adapter", state_dict=backbone_state)
+        merged = merged_state_dict(encoder.backbone, backbone_state)
+        encoder.backbone.get_base_model().save_pretrained(folder, state_dict=merged)
     else:
         encoder.backbone.save_pretrained(folder, state_dict=backbone_state)
     tokenizer.save_pretrained(folder)
