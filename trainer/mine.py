@@ -319,7 +319,7 @@ def _check_settings(cfg) -> None:
 def mine(cfg) -> dict:
     """Run the whole mining described by cfg (conf/tools/mine.yaml); returns the summary (every rank)."""
     from trainer.model import (
-        AUTOCAST_DTYPES, Encoder, ends_with_eos, fill_task, load_tokenizer, resolve_device, resolve_model_path,
+        AUTOCAST_DTYPES, Encoder, ends_with_eos, load_tokenizer, prompt_prefixes, resolve_device, resolve_model_path,
         text_embedder,
     )
 
@@ -348,8 +348,7 @@ def mine(cfg) -> dict:
     tokenizer = load_tokenizer(model.name_or_path, trust_remote_code=model.trust_remote_code,
                                pooling=model.pooling.value, append_eos=model.append_eos)
     dtype = AUTOCAST_DTYPES[cfg.precision.value]
-    query_prefix = fill_task(model.query_prefix, model.task, "model.query_prefix")
-    doc_prefix = fill_task(model.doc_prefix, model.task, "model.doc_prefix")
+    query_prefix, doc_prefix = prompt_prefixes(model)
     embed_docs = text_embedder(encoder, tokenizer, doc_prefix, model.doc_max_length, device, dtype)
     embed_queries = text_embedder(encoder, tokenizer, query_prefix, model.query_max_length, device, dtype)
     settings = {

@@ -237,9 +237,11 @@ def prepare_for_last_token(tokenizer: PreTrainedTokenizerBase, append_eos: bool 
     either side, but only right padding keeps a text's positions independent of its batch for
     every position scheme (absolute ones included)."""
     tokenizer.padding_side = "right"
-    if append_eos is False or (append_eos is None and (tokenizer.eos_token_id is None or ends_with_eos(tokenizer))):
+    if append_eos is False:
         return
     if tokenizer.eos_token_id is None:
+        if append_eos is None:
+            return
         raise ValueError("model.append_eos=true, but the tokenizer has no end-of-text token (eos_token)")
     if ends_with_eos(tokenizer):
         return
@@ -267,6 +269,12 @@ def fill_task(prefix: str, task: str | None, key: str) -> str:
         raise ValueError(f"{key} asks for {{task}} ({prefix!r}): set model.task, e.g. "
                          "model.task='Given a web search query, retrieve relevant passages that answer the query'")
     return prefix.replace("{task}", task)
+
+
+def prompt_prefixes(model_cfg) -> tuple[str, str]:
+    """The query and document prefixes of a run's model.* settings, model.task filled in."""
+    return (fill_task(model_cfg.query_prefix, model_cfg.task, "model.query_prefix"),
+            fill_task(model_cfg.doc_prefix, model_cfg.task, "model.doc_prefix"))
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

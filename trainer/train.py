@@ -30,7 +30,7 @@ from trainer.evaluate import evaluate, load_beir
 from trainer.gradcache import GradCache, StepOutput
 from trainer.losses import PRESETS, ContrastiveLoss
 from trainer.metrics import RunLogger, alignment, embedding_std, uniformity
-from trainer.model import AUTOCAST_DTYPES, Encoder, fill_task, load_tokenizer, resolve_device, text_embedder
+from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, prompt_prefixes, resolve_device, text_embedder
 from trainer.preemption import StopRequest
 
 BEST_MODEL = "best-model"  # with early stopping: the best evaluation's model so far
@@ -64,7 +64,7 @@ def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dic
     early_stopping = _early_stopping(cfg)
     tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
                                pooling=cfg.model.pooling.value, append_eos=cfg.model.append_eos)
-    query_prefix, doc_prefix = _prefixes(cfg)
+    query_prefix, doc_prefix = prompt_prefixes(cfg.model)
     settings = TokenSettings(cfg.model.query_max_length, cfg.model.doc_max_length, query_prefix, doc_prefix)
     data = prepare(sources, columns, tokenizer, settings, cfg.data.cache_dir)
     num_negatives = resolve_num_negatives(data, sources, cfg.data.num_negatives, cfg.data.missing_negatives.value)
@@ -293,7 +293,7 @@ def _export(backend, tokenizer, cfg, folder: Path, is_main: bool) -> None:
     if is_main:
         st_config = tmp / "config_sentence_transformers.json"
         config = json.loads(st_config.read_text())
-        query_prefix, doc_prefix = _prefixes(cfg)
+        query_prefix, doc_prefix = prompt_prefixes(cfg.model)
         if query_prefix or doc_prefix:
             # model.encode(texts, prompt_name="query") prepends what training prepended.
             config["prompts"] = {"query": query_prefix, "document": doc_prefix}
@@ -305,12 +305,6 @@ def _export(backend, tokenizer, cfg, folder: Path, is_main: bool) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     distributed.barrier()
-
-
-def _prefixes(cfg) -> tuple[str, str]:
-    """The query and document prefixes, with model.task filled into an instruction prompt."""
-    return (fill_task(cfg.model.query_prefix, cfg.model.task, "model.query_prefix"),
-            fill_task(cfg.model.doc_prefix, cfg.model.task, "model.doc_prefix"))
 
 
 def _early_stopping(cfg) -> EarlyStopping | None:
