@@ -1,8 +1,16 @@
 """Session-wide settings for the tests' subprocesses."""
 
 import os
+import sys
 
 import pytest
+
+# Every launched script (torchrun, launch/*.sh, sbatch and srun jobs, which inherit this
+# environment) finds `python` and `torchrun` beside the interpreter running the tests, whether or
+# not its venv is activated. Not resolved: a venv's bin/python is a link out of the venv.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import (
-    assert_sentence_transformers_matches_encoder, run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model,
+    assert_sentence_transformers_matches_encoder, rounding_atol, run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model,
 )
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
@@ -68,6 +68,10 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "model" / "model.safetensors")
 
 
+def largest_weight(state: dict[str, torch.Tensor]) -> float:
+    return max(float(t.abs().max()) for t in state.values() if t.is_floating_point())
+
+
 def assert_same_weights(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -92,9 +96,11 @@ def test_accelerate_launch_runs_both_backends_and_zero2_equals_ddp(assets, tmp_p
     zero2 = run_trainer(zero2_dir, *common(assets), launcher=[*ACCELERATE, "--use_deepspeed", "--zero_stage", "2"])
     assert "over 2 rank(s)" in ddp.stdout and "backend ddp;" in ddp.stdout
     assert "over 2 rank(s)" in zero2.stdout and "backend deepspeed ZeRO-2;" in zero2.stdout
-    # ZeRO-2 in fp32 does the DDP path's arithmetic: the same losses and weights.
-    torch.testing.assert_close(losses(zero2_dir), losses(ddp_dir), atol=1e-6, rtol=0)
-    assert_same_weights(weights(zero2_dir), weights(ddp_dir), atol=1e-6)
+    # ZeRO-2 in fp32 does the DDP path's arithmetic, but AdamW's update runs in its own kernels
+    # over flattened partitions: equal up to the update's rounding over the run's 6 steps.
+    reference = losses(ddp_dir)
+    torch.testing.assert_close(losses(zero2_dir), reference, atol=rounding_atol(6, max(reference)), rtol=0)
+    assert_same_weights(weights(zero2_dir), weights(ddp_dir), atol=rounding_atol(6, largest_weight(weights(ddp_dir))))
     initial = load_file(assets["model"] / "model.safetensors")
     assert max(float((weights(ddp_dir)[n] - initial[n]).abs().max()) for n in initial if n in weights(ddp_dir)) > 1e-4
 

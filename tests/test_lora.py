@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_train import assets, common, losses  # noqa: F401 (assets is a fixture)
-from tests.tiny import assert_sentence_transformers_matches_encoder, run_trainer, tiny_encoder
+from tests.tiny import assert_sentence_transformers_matches_encoder, rounding_atol, run_trainer, tiny_encoder
 from trainer.lora import merged_state_dict
 
 LORA = ("model.lora.r=4", "model.lora.alpha=8", "trainer.lr=1e-2")
@@ -99,7 +99,10 @@ def test_only_the_adapters_train_and_the_export_is_the_merged_model(assets, one_
 def test_lora_under_two_ddp_ranks_equals_one_rank(assets, one_rank, tmp_path):
     run_dir = tmp_path / "run"
     run_trainer(run_dir, *lora_args(assets), nproc=2)
-    torch.testing.assert_close(losses(run_dir), losses(one_rank), atol=1e-6, rtol=0)
+    # Two ranks sum their halves of the gradient where one rank sums it whole: rounding apart,
+    # through 3 updates.
+    reference = losses(one_rank)
+    torch.testing.assert_close(losses(run_dir), reference, atol=rounding_atol(3, max(reference)), rtol=0)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
@@ -16,6 +17,21 @@ from trainer.model import Encoder
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 97
+
+
+def rounding_atol(updates: int, magnitude: float) -> float:
+    """How far a value of about `magnitude` (a loss, a weight) may differ between two runs of
+    `updates` AdamW updates whose arithmetic differs only in rounding: the order of a reduction
+    over ranks, another library's kernel for the same update.
+
+    Each update may round a weight up to 2 float32 ulp apart (the decayed and the stepped weight).
+    The difference then feeds the next steps' gradients: the rounding control of
+    tests/dist_scripts/gradcache_zero.py (every weight nudged one ulp per update) drifted weights
+    by about 1 ulp per update. So 4 ulp of the magnitude per update (2 for the roundings, 2 for
+    what they carry forward), plus one for rounding the value itself. A real fault (another batch,
+    a missing or doubled reduction, lost optimizer state) moves these values by 1e-3 or more.
+    """
+    return 4 * (updates + 1) * float(np.spacing(np.float32(abs(magnitude))))
 
 
 def tiny_encoder(dropout: float = 0.0, seed: int = 0, pooling: str = "mean") -> Encoder:

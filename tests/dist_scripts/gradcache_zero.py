@@ -51,9 +51,19 @@ def reductions():
 _references = {}
 
 
-def ddp_reference(dropout: float, clip: bool = True) -> tuple[list[dict], dict]:
-    """DDP's gradients at every step and final parameters (computed once per setting)."""
-    if (dropout, clip) not in _references:
+def nudge_by_one_ulp(parameters, generator: torch.Generator) -> None:
+    """Move every parameter entry one float32 ulp up or down (random, the same on every rank):
+    the most that rounding the update differently can change a parameter."""
+    with torch.no_grad():
+        for p in parameters:
+            up = torch.rand(p.shape, generator=generator) < 0.5
+            p.copy_(torch.nextafter(p, torch.where(up, torch.inf, -torch.inf)))
+
+
+def ddp_reference(dropout: float, clip: bool = True, nudge: bool = False) -> tuple[list[dict], dict]:
+    """DDP's gradients at every step and final parameters (computed once per setting). With
+    nudge, every update is followed by a one-ulp nudge of every parameter: the rounding control."""
+    if (dropout, clip, nudge) not in _references:
         encoder = tiny_encoder(dropout=dropout, seed=0)
         ddp = DDP(encoder)
         optimizer = torch.optim.AdamW(encoder.parameters(), lr=LR)
@@ -67,8 +77,22 @@ def ddp_reference(dropout: float, clip: bool = True) -> tuple[list[dict], dict]:
                 torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
-        _references[dropout, clip] = grads, {n: p.detach().clone() for n, p in encoder.named_parameters()}
-    return _references[dropout, clip]
+            if nudge:
+                nudge_by_one_ulp(encoder.parameters(), torch.Generator().manual_seed(step))
+        _references[dropout, clip, nudge] = grads, {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    return _references[dropout, clip, nudge]
+
+
+def differences(grads: list[dict], params: dict, reference_grads: list[dict], reference_params: dict) -> tuple[list, float]:
+    """Per step, the largest gradient difference relative to the reference's largest gradient
+    entry (some tensors' true gradient is zero, attention key biases, so a per-tensor ratio would
+    compare rounding noise with rounding noise); and the largest parameter difference at the end."""
+    grad_diffs = []
+    for step, reference in enumerate(reference_grads):
+        scale = max(float(g.abs().max()) for g in reference.values())
+        grad_diffs.append(max(float((grads[step][n] - g).abs().max()) for n, g in reference.items()) / scale)
+    param_diff = max(float((params[n] - p).abs().max()) for n, p in reference_params.items())
+    return grad_diffs, param_diff
 
 
 def zero_run(stage: int, coalesce: bool, dropout: float, offload: bool, clip: bool = True) -> dict:
@@ -97,20 +121,18 @@ def zero_run(stage: int, coalesce: bool, dropout: float, offload: bool, clip: bo
     if not coalesce:  # the negative control: the engine reduces on every backward
         engine.coalesce_grad_reduction = contextlib.nullcontext
     names = [n for n, _ in zero_encoder.named_parameters()]
-    grad_diffs, cached_reductions = [], []
+    zero_grads, cached_reductions = [], []
     torch.manual_seed(100 + r)
     for step in range(STEPS):
         before = reductions()
         GradCache(engine, ContrastiveLoss.from_preset("gte"), chunk_size=CHUNK)(*batch(step))
         cached_reductions.append(reductions() - before)
-        grads = {n: safe_get_full_grad(p) for n, p in zero_encoder.named_parameters()}
-        # Relative to the largest gradient entry: some tensors' true gradient is zero (attention
-        # key biases), so a per-tensor ratio would compare rounding noise with rounding noise.
-        scale = max(float(g.abs().max()) for g in ddp_grads[step].values())
-        grad_diffs.append(max(float((grads[n] - ddp_grads[step][n]).abs().max()) for n in names) / scale)
+        zero_grads.append({n: safe_get_full_grad(p) for n, p in zero_encoder.named_parameters()})
         engine.step()
     zero_params = {n: safe_get_full_fp32_param(p) for n, p in zero_encoder.named_parameters()}
-    param_diff = max(float((zero_params[n] - ddp_params[n]).abs().max()) for n in names)
+    grad_diffs, param_diff = differences(zero_grads, zero_params, ddp_grads, ddp_params)
+    # The rounding control: how far DDP itself drifts when each update is rounded one ulp off.
+    control_grad_diffs, control_param_diff = differences(*ddp_reference(dropout, clip, nudge=True), ddp_grads, ddp_params)
 
     # The plain step's count: one backward, reduced once per bucket.
     before = reductions()
@@ -121,6 +143,7 @@ def zero_run(stage: int, coalesce: bool, dropout: float, offload: bool, clip: bo
     param_moved = max(float((ddp_params[n] - initial[n].detach()).abs().max()) for n in names)
     return {
         "grad_diffs": grad_diffs, "param_diff": param_diff, "param_moved": param_moved,
+        "control_grad_diffs": control_grad_diffs, "control_param_diff": control_param_diff,
         "cached_reductions": cached_reductions, "plain_reductions": plain_reductions,
     }
 
