@@ -38,7 +38,7 @@ def run_variant(args) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
-    from trainer.backends import trainable_parameters
+    from trainer.optimizer import trainable_parameters
     from trainer.gradcache import GradCache
     from trainer.losses import ContrastiveLoss
     from trainer.model import Encoder

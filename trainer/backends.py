@@ -6,30 +6,19 @@ run the same data order, GradCache step, schedule and metrics.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
 from trainer import distributed, safe_load
 from trainer.model import Encoder, save_sentence_transformer
+from trainer.optimizer import StepResult, make_scheduler, trainable_parameters
 
-_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-
-
-@dataclass(frozen=True)
-class StepResult:
-    grad_norm: float
-    """The gradient norm before clipping (nan when the step was refused before computing it)."""
-    applied: bool
-    """False when the weights, the optimizer state and the schedule were left as they were."""
-    overflow: bool = False
-    """Not applied because fp16's loss scale overflowed: the scaler's routine business (it lowers
-    the scale), not a bad step."""
+__all__ = ["DDPBackend", "StepResult", "TrainingBackend", "create_backend"]
 
 
 class TrainingBackend(Protocol):
@@ -57,16 +46,6 @@ class TrainingBackend(Protocol):
 
     def export(self, folder: Path, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> None:
         """Write the whole model as a sentence-transformers folder on rank 0 (collective)."""
-
-
-def trainable_parameters(encoder: Encoder) -> list[nn.Parameter]:
-    """What the optimizer steps: everything, or with LoRA the adapters alone (so that it holds
-    their state only)."""
-    return [p for p in encoder.parameters() if p.requires_grad]
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int):
-    return get_scheduler(_SCHEDULES[schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
 def create_backend(name: str, encoder: Encoder, device: torch.device, cfg, total_steps: int, **deepspeed_kwargs) -> TrainingBackend:

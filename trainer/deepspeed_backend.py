@@ -23,7 +23,7 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from trainer import distributed, safe_load
-from trainer.backends import StepResult, make_scheduler, trainable_parameters
+from trainer.optimizer import StepResult, make_scheduler, trainable_parameters
 from trainer.deepspeed_config import offloads_optimizer
 from trainer.model import Encoder, save_sentence_transformer
 

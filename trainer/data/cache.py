@@ -32,6 +32,7 @@ import pyarrow as pa
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from trainer.data.mapped import MappedCacheFile, Spans
 from trainer.data.records import Columns, text_hash
 from trainer.data.sources import file_kind, text_batches
 
@@ -296,9 +297,9 @@ class CachedRows:
     Why not `datasets.Dataset` or `pyarrow.Table.take` over the mapped table: both gather from
     the whole chunked column (take combines the chunks first), so one step's 1024 random rows
     copied ~1.3 GB of a 2M-pair cache into private memory, and a rank's memory grew with the
-    dataset. Here each row is a zero-copy slice of its record batch (and 6x faster to read).
-    What the map does count in a rank's RSS are the cache's file pages it has read: page cache,
-    shared by every rank on the node and reclaimable, at most the cache's size.
+    dataset. Here rows are read with vectorised indexes into the map (mapped.py). What the map
+    does count in a rank's RSS are the cache's file pages it has read: page cache, shared by
+    every rank on the node and reclaimable, at most the cache's size.
     """
 
     def __init__(self, folders: list[Path]) -> None:
@@ -306,13 +307,8 @@ class CachedRows:
         self._open()
 
     def _open(self) -> None:
-        # read_all() of a memory-mapped IPC stream is zero-copy: nothing is read until used.
-        self._batches = [
-            batch
-            for folder in self.folders
-            for batch in pa.ipc.open_stream(pa.memory_map(str(folder / "data.arrow"))).read_all().to_batches()
-        ]
-        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
+        self.files = [MappedCacheFile(folder / "data.arrow") for folder in self.folders]
+        self._starts = np.cumsum([0] + [len(f) for f in self.files]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -324,14 +320,61 @@ class CachedRows:
         self.folders = state["folders"]
         self._open()
 
-    def rows(self, indices) -> dict[str, list]:
-        """Columns (as Python lists) of the rows `indices`, in that order."""
+    def _by_file(self, indices) -> list[tuple[MappedCacheFile, np.ndarray, np.ndarray]]:
+        """(file, positions in indices, rows within the file) for each file the indices touch."""
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"row indices must be in [0, {len(self)})")
-        batch_of = np.searchsorted(self._starts, indices, side="right") - 1
-        out = {name: [] for name in SCHEMA.names}
-        for b, i in zip(batch_of.tolist(), (indices - self._starts[batch_of]).tolist()):
-            for name, values in self._batches[b].slice(i, 1).to_pydict().items():
-                out[name].append(values[0])
+        if len(self.files) == 1:
+            return [(self.files[0], np.arange(len(indices)), indices)]
+        file_of = np.searchsorted(self._starts, indices, side="right") - 1
+        parts = []
+        for f in np.unique(file_of).tolist():
+            where = np.flatnonzero(file_of == f)
+            parts.append((self.files[f], where, indices[where] - self._starts[f]))
+        return parts
+
+    def query_spans(self, indices) -> tuple[list[tuple[np.ndarray, Spans]], np.ndarray]:
+        """The rows' query tokens, as (positions in indices, spans) per file, and query hashes."""
+        hashes, parts = np.zeros(len(indices), dtype=np.int64), []
+        for file, where, rows in self._by_file(indices):
+            spans, hashes[where] = file.query_spans(rows)
+            parts.append((where, spans))
+        return parts, hashes
+
+    def doc_counts(self, indices) -> np.ndarray:
+        """Documents per row: its positive plus its hard negatives."""
+        counts = np.zeros(len(indices), dtype=np.int64)
+        for file, where, rows in self._by_file(indices):
+            counts[where] = file.doc_counts(rows)
+        return counts
+
+    def doc_spans(self, indices, slots: np.ndarray) -> tuple[list[tuple[np.ndarray, Spans]], np.ndarray]:
+        """Document slots[j] (0 = positive) of row indices[j]: spans per file, and text hashes."""
+        hashes, parts = np.zeros(len(indices), dtype=np.int64), []
+        for file, where, rows in self._by_file(indices):
+            spans, hashes[where] = file.doc_spans(rows, slots[where])
+            parts.append((where, spans))
+        return parts, hashes
+
+    def rows(self, indices) -> dict[str, list]:
+        """Columns (as Python lists) of the rows `indices`, in that order (for tests and tools;
+        training batches use the spans above)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = {name: [None] * len(indices) for name in SCHEMA.names}
+        (query_parts, query_hash), counts = self.query_spans(indices), self.doc_counts(indices)
+        for where, spans in query_parts:
+            for j, start, length in zip(where.tolist(), spans.starts.tolist(), spans.lengths.tolist()):
+                out["query_ids"][j] = spans.view[start : start + length].tolist()
+        out["query_hash"] = query_hash.tolist()
+        row_of = np.repeat(np.arange(len(indices)), counts)
+        slots = np.arange(len(row_of)) - np.repeat(np.cumsum(counts) - counts, counts)
+        doc_parts, doc_hash = self.doc_spans(indices[row_of], slots)
+        docs = [None] * len(row_of)
+        for where, spans in doc_parts:
+            for j, start, length in zip(where.tolist(), spans.starts.tolist(), spans.lengths.tolist()):
+                docs[j] = spans.view[start : start + length].tolist()
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        out["doc_ids"] = [docs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        out["doc_hash"] = [doc_hash[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
         return out
