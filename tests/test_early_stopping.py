@@ -101,7 +101,7 @@ def test_stop_and_resume_decides_as_the_uninterrupted_run(assets, stopped_run, t
 
 def test_early_stopping_without_an_eval_curve_is_refused():
     from tests.test_config import compose_config
-    from trainer.train import _early_stopping
+    from trainer.run import _early_stopping
 
     with pytest.raises(ValueError, match="trainer.early_stopping needs an evaluation curve"):
         _early_stopping(compose_config("trainer.early_stopping.patience=2"))  # eval.every is 0

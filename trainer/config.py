@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -152,7 +152,11 @@ class DataConfig:
     """Where tokenised data is cached (None = $CONTRASTIVE_TRAINER_CACHE, else
     ~/.cache/contrastive-trainer/data). Safe to delete; rebuilt when needed."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """Processes per rank that collate batches (0 = a background thread of the rank's own, which
+    keeps up with a GPU: the collate is vectorised)."""
+    prefetch: int = 2
+    """Batches collated ahead of the step that needs them, while the step before runs (0 = collate
+    in the loop, no overlap). The time a step still waits is logged as data_wait_s."""
 
 
 @dataclass
@@ -180,12 +184,17 @@ class LossConfig:
 
 @dataclass
 class GradCacheConfig:
-    chunk_size: int = 0
+    chunk_size: Union[int, str] = 0
     """Texts per forward pass on each rank; 0 (and no chunk_tokens) turns GradCache off (one
-    plain forward/backward)."""
-    chunk_tokens: Optional[int] = None
+    plain forward/backward). auto: probed before step 1 (as many texts of the max length as
+    fit), and halved when a step runs out of memory (the step then runs again, unchanged)."""
+    chunk_tokens: Optional[Union[int, str]] = None
     """Also cap each chunk at this many padded tokens (rows x its longest row): short texts go
-    in big chunks, long ones in small; activation memory is bounded by tokens."""
+    in big chunks, long ones in small; activation memory is bounded by tokens. auto: the largest
+    budget whose forward and backward fit in the device's free memory (with headroom, after the
+    optimizer's share), probed on the run's model at the max length before step 1, the smallest
+    over ranks; a step that runs out of memory anyway halves it and runs again, with the same
+    result. Each change is printed and logged (chunk_tokens in metrics.jsonl)."""
     sort_by_length: bool = True
     """Order each rank's texts by length before chunking (far less padding); the loss sees the
     embeddings in the batch's order, so the result is the same."""
@@ -255,8 +264,10 @@ class EvalConfig:
     """A BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/test.tsv); null = no evaluation."""
     every: int = 0
     """Evaluate every this many steps (0 = only at step 0 and at the end)."""
-    batch_size: int = 128
-    """Texts per forward pass when embedding the evaluation set."""
+    batch_size: Union[int, str] = 128
+    """Texts per forward pass when embedding the evaluation set. auto: the largest batch of
+    max-length texts whose forward fits (probed before step 1, the smallest over ranks); a batch
+    that runs out of memory anyway is embedded in two halves."""
 
 
 @dataclass

@@ -208,6 +208,11 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), dist.ReduceOp.MAX).item())
 
 
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (a collective): e.g. a size all ranks must share."""
+    return int(all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MIN).item())
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` over ranks (a new tensor; for logging, not for gradients)."""
     return all_reduce(tensor) / world_size()

@@ -29,9 +29,22 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer import distributed
 from trainer.losses import ContrastiveLoss, LossStats
+from trainer.memory import is_out_of_memory
 
 Batch = Mapping[str, Tensor]
+
+
+class StepOutOfMemory(RuntimeError):
+    """A step ran out of memory (on this rank or another) where it could stop cleanly: nothing
+    was applied, gradients are None again and the generators are where the step began. Running
+    it again with smaller chunks gives exactly what those chunks give (see autochunk.py)."""
+
+    def __init__(self, phase: str, cause: BaseException | None) -> None:
+        where = "on this rank" if cause is not None else "on another rank"
+        super().__init__(f"out of memory in {phase} {where}" + (f": {cause}" if cause is not None else ""))
+        self.phase = phase
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,7 @@ def _used_length(attention_mask: Tensor) -> int:
     return int(used_columns.max()) + 1 if used_columns.numel() else 1
 
 
-class _RngState:
+class RngState:
     """The CPU generator and, if CUDA is in use, the current device's generator."""
 
     def __init__(self) -> None:
@@ -147,6 +160,43 @@ def _is_deepspeed_engine(module: nn.Module) -> bool:
     return hasattr(module, "coalesce_grad_reduction") and hasattr(module, "backward")
 
 
+class _OomGuard:
+    """Turns out-of-memory errors of one step into StepOutOfMemory on every rank at once.
+
+    phase(name): a block whose out-of-memory error is caught; on leaving it every rank says
+    whether it failed (one small all-reduce), and if any did, all raise together, having put
+    the generators back where the step began and dropped every gradient the step made. A block
+    with alone=True is guarded only in a single process: with several, its collectives (the
+    loss's gather, DDP's reduction) would be left half done by a rank that stopped.
+    """
+
+    def __init__(self, step: GradCache) -> None:
+        module = step.encoder
+        self.parameters = [p for p in module.parameters() if p.requires_grad]
+        if any(p.grad is not None for p in self.parameters):
+            raise ValueError("recover_oom needs the gradients cleared (None) before the step")
+        self.rng = RngState()
+        self.single = distributed.world_size() == 1
+
+    @contextlib.contextmanager
+    def phase(self, name: str, alone: bool = False):
+        if alone and not self.single:
+            yield
+            return
+        failure = None
+        try:
+            yield
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            failure = err
+        if distributed.any_rank(failure is not None):
+            for p in self.parameters:
+                p.grad = None
+            self.rng.restore()
+            raise StepOutOfMemory(name, failure) from failure
+
+
 class GradCache:
     """One contrastive step, chunked or not, that leaves the full-batch gradients in .grad.
 
@@ -167,6 +217,12 @@ class GradCache:
             encoder.no_sync for DDP and to nothing otherwise.
         grad_scaler: for fp16, a torch.amp.GradScaler: every backward then runs on the scaled
             gradient (the caller unscales and steps through the scaler as usual).
+        recover_oom: turn an out-of-memory error into StepOutOfMemory wherever the step can stop
+            cleanly on every rank: pass 1 (ranks agree before the loss's gather), every chunk of
+            pass 2 but the one that reduces gradients (agreed before it), and with one process
+            anywhere. Not for a DeepSpeed engine's pass 2, nor for models whose forward is itself
+            a collective (ZeRO-3 on several ranks): the caller leaves it off there. Needs .grad
+            to be None when the step starts (as zero_grad(set_to_none=True) leaves it).
     """
 
     def __init__(
@@ -181,6 +237,7 @@ class GradCache:
         trim_padding: bool = True,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        recover_oom: bool = False,
     ) -> None:
         if chunk_size is not None and chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0 or None = no chunking), got {chunk_size}")
@@ -197,6 +254,7 @@ class GradCache:
             no_sync = encoder.no_sync if isinstance(encoder, DistributedDataParallel) else contextlib.nullcontext
         self.no_sync = no_sync
         self.grad_scaler = grad_scaler
+        self.recover_oom = recover_oom
         self.engine = encoder if _is_deepspeed_engine(encoder) else None
         if self.engine is not None and grad_scaler is not None:
             raise ValueError("a DeepSpeed engine scales its own losses: pass no grad_scaler")
@@ -249,23 +307,19 @@ class GradCache:
         n_query_chunks = len(chunks)
         doc_order, doc_chunks = plan_chunks(docs, **plan)
         chunks += doc_chunks
+        guard = _OomGuard(self) if self.recover_oom else None
 
         # Pass 1: no graph, so memory is one chunk's activations. DDP's wrapper is bypassed: it
         # has nothing to prepare for a forward without backward.
-        wrapped = isinstance(self.encoder, DistributedDataParallel) or self.engine is not None
-        embed = self.encoder.module if wrapped else self.encoder
-        rng_states, embeddings = [], []
-        with torch.no_grad(), self._autocast(device):
-            for chunk in chunks:
-                rng_states.append(_RngState())
-                embeddings.append(embed(**chunk))
+        rng_states, embeddings = self._pass_1(chunks, device, guard)
 
         # The loss, on everything, in the batch's order; backward stops at the (leaf) embeddings.
-        q = _in_batch_order(torch.cat(embeddings[:n_query_chunks]), query_order).requires_grad_()
-        d = _in_batch_order(torch.cat(embeddings[n_query_chunks:]), doc_order)
-        d = d.view(q.shape[0], docs_per_query, -1).requires_grad_()
-        loss = self.loss_fn(q, d, query_hashes, doc_hashes)
-        loss.backward()
+        with guard.phase("the loss", alone=True) if guard else contextlib.nullcontext():
+            q = _in_batch_order(torch.cat(embeddings[:n_query_chunks]), query_order).requires_grad_()
+            d = _in_batch_order(torch.cat(embeddings[n_query_chunks:]), doc_order)
+            d = d.view(q.shape[0], docs_per_query, -1).requires_grad_()
+            loss = self.loss_fn(q, d, query_hashes, doc_hashes)
+            loss.backward()
         # Each chunk's slice of the cached gradient, in the order the chunks were cut.
         poison = _nan_unless_finite(loss.detach())
         q_grad, d_grad = q.grad * poison, d.grad.view(-1, d.shape[-1]) * poison
@@ -278,19 +332,45 @@ class GradCache:
 
         # Pass 2: replay each chunk's RNG state, then put the generator back where pass 1 left it,
         # so that the rest of training draws the same numbers as without caching.
-        after_pass_1 = _RngState()
+        after_pass_1 = RngState()
         if self.engine is not None:
             self._engine_pass_2(chunks, rng_states, grads, device)
         else:
+            self._pass_2(chunks, rng_states, grads, device, guard)
+        after_pass_1.restore()
+        return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
+
+    def _pass_1(self, chunks, device, guard: _OomGuard | None) -> tuple[list[RngState], list[Tensor]]:
+        wrapped = isinstance(self.encoder, DistributedDataParallel) or self.engine is not None
+        embed = self.encoder.module if wrapped else self.encoder
+        rng_states, embeddings = [], []
+        with guard.phase("pass 1") if guard else contextlib.nullcontext():
+            with torch.no_grad(), self._autocast(device):
+                for chunk in chunks:
+                    rng_states.append(RngState())
+                    embeddings.append(embed(**chunk))
+        return rng_states, embeddings
+
+    def _pass_2(self, chunks, rng_states, grads, device, guard: _OomGuard | None) -> None:
+        """Pass 2 under DDP (or one process): every chunk but the last inside no_sync(), so the
+        last one's backward reduces the gradients, once."""
+        last = len(chunks) - 1
+        with guard.phase("pass 2") if guard else contextlib.nullcontext():
             for index, (chunk, rng, grad) in enumerate(zip(chunks, rng_states, grads)):
-                is_last = index == len(chunks) - 1
+                if index == last:
+                    break
                 rng.restore()
-                with contextlib.nullcontext() if is_last else self.no_sync():
+                with self.no_sync():
                     with self._autocast(device):
                         emb = self.encoder(**chunk)
                     emb.backward(self._scaled(grad).to(emb.dtype))
-        after_pass_1.restore()
-        return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
+        # The reducing chunk: with one process it may still fail cleanly; with several, a rank
+        # that failed here would leave the others inside the reduction.
+        with guard.phase("pass 2", alone=True) if guard else contextlib.nullcontext():
+            rng_states[last].restore()
+            with self._autocast(device):
+                emb = self.encoder(**chunks[last])
+            emb.backward(self._scaled(grads[last]).to(emb.dtype))
 
     def _engine_pass_2(self, chunks, rng_states, grads, device) -> None:
         """Pass 2 through a DeepSpeed engine. engine.backward() takes a scalar, so each chunk
