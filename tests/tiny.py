@@ -95,15 +95,16 @@ def word_tokenizer():
     )
 
 
-def write_tiny_model(folder: Path, dropout: float = 0.0) -> Path:
-    """A saved random tiny BERT with a word-level tokenizer: a model folder like any other."""
+def write_tiny_model(folder: Path, dropout: float = 0.0, **shape) -> Path:
+    """A saved random tiny BERT with a word-level tokenizer: a model folder like any other
+    (`shape` overrides BertConfig's sizes, e.g. hidden_size=256)."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = word_tokenizer()
     assert tokenizer("w12 w13")["input_ids"] == [2, 17, 18, 3]  # the words are in the vocabulary
     tokenizer.save_pretrained(folder)
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     config = BertConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        vocab_size=len(WORDS) + 5, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **{**sizes, **shape},
     )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)

@@ -62,31 +62,35 @@ def _random_rows(rows: int, length: int, vocab_size: int, device: torch.device) 
 
 
 def largest_fitting(trial: Callable[[int], None], device: torch.device, start: int, cap: int, reserve: int = 0) -> ProbeResult:
-    """The largest n in [start, cap] for which trial(n) fits in the memory left minus `reserve`
-    (with HEADROOM): n doubles while the measured peak says twice as much fits, then the last
-    step is interpolated (memory grows linearly in n) and tried once. Raises if `start` fails."""
+    """The largest n in [1, cap] for which trial(n) fits in the memory left minus `reserve` (with
+    HEADROOM), within 2x: from `start`, n halves until it fits, or doubles while the measured
+    peak says twice as much fits; the last step up is interpolated (memory grows linearly in n)
+    and tried once. Raises if even n = 1 runs out of memory."""
     release(device)
     available = available_bytes(device) - reserve
-    best: ProbeResult | None = None
     n = max(1, min(start, cap))
-    while True:
+    fitted, peak = _try(trial, n, device)
+    while not fitted:  # too big already: the largest that fits is below n
+        if n == 1:
+            raise RuntimeError(f"out of memory at the smallest size tried (1); nothing fits in the {available / 2**30:.2f} GiB left")
+        n //= 2
         fitted, peak = _try(trial, n, device)
-        if not fitted:
-            break
+        if fitted:
+            return ProbeResult(n, peak, available)
+    while True:
         best = ProbeResult(n, peak, available)
         if n >= cap:
             return best
-        if peak is None or 2 * peak <= HEADROOM * available:
-            n = min(2 * n, cap)  # twice as much still fits (or nothing tells: let the allocator say)
-            continue
-        guess = min(cap, int(n * HEADROOM * available / max(peak, 1)))
-        if guess <= n:
+        if peak is not None and 2 * peak > HEADROOM * available:
+            guess = min(cap, int(n * HEADROOM * available / max(peak, 1)))
+            if guess <= n:
+                return best
+            fitted, peak = _try(trial, guess, device)
+            return ProbeResult(guess, peak, available) if fitted else best
+        fitted, peak = _try(trial, min(2 * n, cap), device)  # twice as much fits (or nothing tells: let the allocator say)
+        if not fitted:
             return best
-        fitted, peak = _try(trial, guess, device)
-        return ProbeResult(guess, peak, available) if fitted else best
-    if best is None:
-        raise RuntimeError(f"out of memory at the smallest size tried ({n}); nothing fits in the {available / 2**30:.2f} GiB left")
-    return best
+        n = min(2 * n, cap)
 
 
 def _try(trial: Callable[[int], None], n: int, device: torch.device) -> tuple[bool, int | None]:
@@ -183,20 +187,23 @@ class AdaptiveStep:
             try:
                 return self.step(*args, **kwargs)
             except StepOutOfMemory as err:
-                old = self.budget
-                self._halve(err)
-                release(self.device)
-                self.changes.append((self.calls, old, self.budget, err.phase))
-                unit = "tokens" if self.step.chunk_tokens else "rows"
-                self.say(f"{err}; chunk budget {old} -> {self.budget} {unit}, running the step again")
+                phase, message = err.phase, str(err)
+            # Out of the except block: the error's traceback (and the failed attempt's tensors in
+            # its frames) is gone before memory is given back.
+            old = self.budget
+            self._halve(message)
+            release(self.device)
+            self.changes.append((self.calls, old, self.budget, phase))
+            unit = "tokens" if self.step.chunk_tokens else "rows"
+            self.say(f"{message}; chunk budget {old} -> {self.budget} {unit}, running the step again")
 
-    def _halve(self, err: StepOutOfMemory) -> None:
+    def _halve(self, message: str) -> None:
         step = self.step
         if (step.chunk_tokens or 2) <= 1 or (step.chunk_size or 2) <= 1:
             raise RuntimeError(
-                f"{err}, and the chunks are already one text each: what does not fit is not the chunk "
+                f"{message}, and the chunks are already one text each: what does not fit is not the chunk "
                 "(the loss over the whole batch? set loss.tile_size, or a smaller data.batch_size)"
-            ) from err
+            )
         if step.chunk_tokens:
             step.chunk_tokens //= 2
         if step.chunk_size:
@@ -213,7 +220,7 @@ def split_on_oom(embed: Callable[[list[str]], torch.Tensor], device: torch.devic
         except Exception as err:
             if not is_out_of_memory(err) or len(texts) == 1:
                 raise
-        release(device)
+        release(device)  # after the except block, which held the failed forward's frames
         half = len(texts) // 2
         return torch.cat([embed_or_split(texts[:half]), embed_or_split(texts[half:])])
 

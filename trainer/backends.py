@@ -67,7 +67,12 @@ class DDPBackend:
         self.encoder = encoder
         self.model = encoder
         if distributed.world_size() > 1:
-            self.model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+            # No buffer broadcast before every forward: a text encoder's buffers (position ids) are
+            # constants, the same on every rank, and the broadcast would make each GradCache chunk's
+            # forward a collective, which a rank could not leave alone when it runs out of memory.
+            self.model = DistributedDataParallel(
+                encoder, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
         self.optimizer = torch.optim.AdamW(
             trainable_parameters(encoder), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=device.type == "cuda"
         )

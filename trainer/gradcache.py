@@ -355,7 +355,9 @@ class GradCache:
         """Pass 2 under DDP (or one process): every chunk but the last inside no_sync(), so the
         last one's backward reduces the gradients, once."""
         last = len(chunks) - 1
-        with guard.phase("pass 2") if guard else contextlib.nullcontext():
+        # A DDP that broadcasts buffers before each forward makes every chunk a collective.
+        collective = isinstance(self.encoder, DistributedDataParallel) and self.encoder.will_sync_module_buffers()
+        with guard.phase("pass 2", alone=collective) if guard else contextlib.nullcontext():
             for index, (chunk, rng, grad) in enumerate(zip(chunks, rng_states, grads)):
                 if index == last:
                     break

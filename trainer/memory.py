@@ -5,13 +5,18 @@ limit (`ulimit -v`, RLIMIT_AS) leaves this process."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import resource
 from pathlib import Path
 
 import torch
 
-_CPU_OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "out of memory", "std::bad_alloc")
+# The CPU allocator's, the C++ runtime's, and oneDNN's: its kernels (e.g. GELU) report a failed
+# scratch allocation only as a primitive they could not create.
+_CPU_OOM_MESSAGES = ("can't allocate memory", "cannot allocate memory", "out of memory", "std::bad_alloc",
+                     "could not create a primitive")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -23,10 +28,25 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def release(device: torch.device) -> None:
-    """Give back what a failed step left behind: Python's cycles, and CUDA's cached blocks."""
+    """Give back what a failed step left behind: Python's cycles, CUDA's cached blocks, and on a
+    CPU the free pages of glibc's heap (malloc_trim)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _proc_status(field: str) -> int | None:
