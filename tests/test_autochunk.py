@@ -218,3 +218,23 @@ def test_an_auto_run_under_a_memory_limit_completes_with_a_small_fixed_chunks_lo
     # Other chunks, other matmul shapes: equal up to the rounding of 3 updates.
     reference = _losses(fixed)
     torch.testing.assert_close(_losses(auto), reference, atol=rounding_atol(3, max(reference)), rtol=0)
+
+
+def test_the_tools_take_batch_size_auto(tmp_path):
+    """trainer.evaluate with batch_size=auto probes a batch, says so, and scores as batch_size=4."""
+    from tests.tiny import synthetic_pairs, write_beir
+
+    model = write_tiny_model(tmp_path / "model")
+    dev = write_beir(tmp_path / "dev", synthetic_pairs(30, seed=2))
+    outputs, said = {}, {}
+    for size in ("auto", "4"):
+        out = tmp_path / f"eval-{size}.json"
+        said[size] = run_trainer(tmp_path / f"run-{size}", f"model={model}", f"data={dev}", f"batch_size={size}",
+                                 f"output={out}", module="trainer.evaluate").stdout
+        outputs[size] = json.loads(out.read_text())
+    assert "batch_size: " in said["auto"] and "texts of 64 tokens per forward" in said["auto"]  # the tiny model has 64 positions
+    assert "batch_size: " not in said["4"]
+    # Other batches pad texts differently: scores equal up to fp32 rounding of the embeddings,
+    # far below what moves a rank (a tie broken otherwise moves NDCG by ~1e-2).
+    for key, value in outputs["4"].items():
+        assert abs(outputs["auto"][key] - value) < 1e-6, key

@@ -55,6 +55,18 @@ class ProbeResult:
     """Memory left when the probe began, less the reserve."""
 
 
+def longest_input(encoder: nn.Module, max_length: int) -> int:
+    """The longest input a run can feed: max_length, unless the model's positions end sooner
+    (RoBERTa-style models start counting positions after the padding id)."""
+    config = encoder.backbone.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return max_length
+    if "roberta" in getattr(config, "model_type", ""):
+        positions -= (config.pad_token_id or 0) + 1
+    return max(1, min(max_length, positions))
+
+
 def _random_rows(rows: int, length: int, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(rows)
     ids = torch.randint(min(1000, vocab_size // 2), vocab_size, (rows, length), generator=gen)
@@ -120,6 +132,7 @@ def probe_chunk_tokens(
     DeepSpeed wrapper exists (their hooks would reduce the probe's gradients). Leaves the
     gradients None and the random generators as it found them."""
     vocab_size = encoder.backbone.config.vocab_size
+    max_length = longest_input(encoder, max_length)
     parameters = [p for p in encoder.parameters() if p.requires_grad]
     rng = RngState()
     was_training = encoder.training
@@ -141,17 +154,38 @@ def probe_chunk_tokens(
         encoder.train(was_training)
 
 
-def probe_batch_rows(
-    embed: Callable[[dict], torch.Tensor], vocab_size: int, device: torch.device, max_length: int, cap_rows: int,
-    reserve_bytes: int = 0,
+def probe_embedding_batch(
+    encoder: nn.Module, device: torch.device, max_length: int, autocast_dtype: torch.dtype | None = None,
+    cap_rows: int = 4096, reserve_bytes: int = 0,
 ) -> int:
-    """The largest batch (rows of max_length tokens) a forward without grad fits, agreed over
-    ranks (the smallest answer), for evaluation and mining batches."""
-    def trial(rows: int) -> None:
-        with torch.no_grad():
-            embed(_random_rows(rows, max_length, vocab_size, device))
+    """The largest batch (rows of max_length tokens, at most cap_rows) whose forward without grad
+    fits, in eval mode, agreed over ranks (the smallest answer): for evaluation and mining."""
+    vocab_size = encoder.backbone.config.vocab_size
+    max_length = longest_input(encoder, max_length)
+    was_training = encoder.training
+    encoder.eval()
 
-    return distributed.min_over_ranks(largest_fitting(trial, device, start=16, cap=cap_rows, reserve=reserve_bytes).rows)
+    def trial(rows: int) -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            encoder(**_random_rows(rows, max_length, vocab_size, device))
+
+    try:
+        rows = largest_fitting(trial, device, start=16, cap=cap_rows, reserve=reserve_bytes).rows
+    finally:
+        encoder.train(was_training)
+    return distributed.min_over_ranks(rows)
+
+
+def embedding_batch_size(value, key: str, encoder: nn.Module, device: torch.device, max_length: int,
+                         autocast_dtype: torch.dtype | None = None, say: Callable[[str], None] = print) -> int:
+    """A tool's batch_size setting: a positive int as given, or 'auto' probed on the encoder."""
+    size = parse_size(value, key)
+    if size is None:
+        raise ValueError(f"{key} must be a positive integer or 'auto', got {value!r}")
+    if size == AUTO:
+        size = probe_embedding_batch(encoder, device, max_length, autocast_dtype)
+        say(f"{key}: {size} texts of {longest_input(encoder, max_length)} tokens per forward")
+    return size
 
 
 def training_reserve(encoder: nn.Module, stash_rows: int) -> int:

@@ -344,8 +344,10 @@ class EvaluateConfig:
     """Queries are truncated to this many tokens (as in training)."""
     doc_max_length: int = 128
     """Documents are truncated to this many tokens (as in training)."""
-    batch_size: int = 128
-    """Texts per forward pass."""
+    batch_size: Union[int, str] = 128
+    """Texts per forward pass. auto: the largest batch of max-length texts whose forward fits
+    (probed first, the smallest over ranks); a batch that runs out of memory anyway is embedded
+    in two halves."""
     precision: Precision = Precision.fp32
     """fp32, or autocast in bf16 / fp16."""
     device: str = "auto"
@@ -401,8 +403,10 @@ class MineConfig:
     """Seeds sampling=random."""
     rrf_k: int = 60
     """Reciprocal rank fusion constant: a candidate scores the sum of 1 / (rrf_k + rank) over retrievers."""
-    batch_size: int = 128
-    """Texts per forward pass when embedding."""
+    batch_size: Union[int, str] = 128
+    """Texts per forward pass when embedding. auto: the largest batch of max-length texts whose
+    forward fits (probed first, the smallest over ranks); a batch that runs out of memory anyway
+    is embedded in two halves."""
     embeddings_cache: Optional[str] = None
     """A folder where the candidate documents' embeddings are kept and reused by later runs with the
     same model, texts and settings; null = not kept."""

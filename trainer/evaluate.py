@@ -129,8 +129,16 @@ def evaluate(
     return result
 
 
+def _say(text: str) -> None:
+    from trainer import distributed
+
+    if distributed.is_main():
+        print(text, flush=True)
+
+
 def _run(cfg) -> None:
     from trainer import distributed
+    from trainer.autochunk import embedding_batch_size, split_on_oom
     from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, text_embedder
 
     data = load_beir(cfg.data, cfg.split)
@@ -143,11 +151,13 @@ def _run(cfg) -> None:
     if distributed.is_main():
         print(f"{cfg.model} on {cfg.data} ({cfg.split}): {len(data.query_ids)} queries, {len(data.corpus_ids)} documents, "
               f"{distributed.world_size()} rank(s)", flush=True)
+    batch_size = embedding_batch_size(cfg.batch_size, "batch_size", encoder, device,
+                                      max(cfg.query_max_length, cfg.doc_max_length), dtype, say=_say)
     result = evaluate(
-        text_embedder(encoder, tokenizer, cfg.query_prefix, cfg.query_max_length, device, dtype),
-        text_embedder(encoder, tokenizer, cfg.doc_prefix, cfg.doc_max_length, device, dtype),
+        split_on_oom(text_embedder(encoder, tokenizer, cfg.query_prefix, cfg.query_max_length, device, dtype), device),
+        split_on_oom(text_embedder(encoder, tokenizer, cfg.doc_prefix, cfg.doc_max_length, device, dtype), device),
         data,
-        cfg.batch_size,
+        batch_size,
         progress=True,
     )
     if distributed.is_main():

@@ -318,6 +318,7 @@ def _check_settings(cfg) -> None:
 
 def mine(cfg) -> dict:
     """Run the whole mining described by cfg (conf/tools/mine.yaml); returns the summary (every rank)."""
+    from trainer.autochunk import embedding_batch_size, split_on_oom
     from trainer.model import (
         AUTOCAST_DTYPES, Encoder, ends_with_eos, load_tokenizer, prompt_prefixes, resolve_device, resolve_model_path,
         text_embedder,
@@ -349,16 +350,18 @@ def mine(cfg) -> dict:
                                pooling=model.pooling.value, append_eos=model.append_eos)
     dtype = AUTOCAST_DTYPES[cfg.precision.value]
     query_prefix, doc_prefix = prompt_prefixes(model)
-    embed_docs = text_embedder(encoder, tokenizer, doc_prefix, model.doc_max_length, device, dtype)
-    embed_queries = text_embedder(encoder, tokenizer, query_prefix, model.query_max_length, device, dtype)
+    embed_docs = split_on_oom(text_embedder(encoder, tokenizer, doc_prefix, model.doc_max_length, device, dtype), device)
+    embed_queries = split_on_oom(text_embedder(encoder, tokenizer, query_prefix, model.query_max_length, device, dtype), device)
+    batch_size = embedding_batch_size(cfg.batch_size, "batch_size", encoder, device,
+                                      max(model.query_max_length, model.doc_max_length), dtype, say=say)
     settings = {
         "model": _model_fingerprint(resolve_model_path(model.name_or_path)), "pooling": model.pooling.value,
         "prefix": doc_prefix, "max_length": model.doc_max_length, "precision": cfg.precision.value,
         "append_eos": ends_with_eos(tokenizer),
     }
-    doc_ids, docs = embed_pool(embed_docs, pool, cfg.batch_size, cfg.embeddings_cache, settings)
+    doc_ids, docs = embed_pool(embed_docs, pool, batch_size, cfg.embeddings_cache, settings)
     docs = docs.to(device)
-    queries = embed_everywhere(embed_queries, pairs.queries, cfg.batch_size, desc="embed queries")
+    queries = embed_everywhere(embed_queries, pairs.queries, batch_size, desc="embed queries")
 
     lists = []
     if cfg.retriever.value in ("dense", "hybrid"):

@@ -257,7 +257,7 @@ class _AutoSizes:
 
     def __init__(self, cfg, encoder: Encoder, device, autocast_dtype, local_rows: int, num_negatives: int) -> None:
         self.cfg, self.encoder, self.device, self.autocast_dtype = cfg, encoder, device, autocast_dtype
-        self.max_length = max(cfg.model.query_max_length, cfg.model.doc_max_length)
+        self.max_length = autochunk.longest_input(encoder, max(cfg.model.query_max_length, cfg.model.doc_max_length))
         self.doc_rows = local_rows * (1 + num_negatives)  # the longest side: one chunk never needs more
         self.reserve = autochunk.training_reserve(encoder, local_rows + self.doc_rows)
         self.used_for_chunks = False
@@ -276,16 +276,8 @@ class _AutoSizes:
         return rows, chunk_tokens  # chunk_size=auto alone: rows of any length, sized for the longest
 
     def eval_batch(self) -> int:
-        was_training = self.encoder.training
-        self.encoder.eval()
-
-        def embed(inputs: dict) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                return self.encoder(**inputs)
-
-        rows = autochunk.probe_batch_rows(embed, self.encoder.backbone.config.vocab_size, self.device, self.max_length,
-                                          self.EVAL_CAP_ROWS, reserve_bytes=self.reserve)
-        self.encoder.train(was_training)
+        rows = autochunk.probe_embedding_batch(self.encoder, self.device, self.max_length, self.autocast_dtype,
+                                               self.EVAL_CAP_ROWS, reserve_bytes=self.reserve)
         say(f"eval.batch_size: {rows} texts of {self.max_length} tokens per forward")
         return rows
 

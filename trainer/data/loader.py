@@ -35,18 +35,24 @@ class Prefetcher:
     """Iterates over `dataset[0 .. len - 1]` (e.g. StepBatches) on `device`, `depth` batches ahead.
 
     Args:
+        depth: batches made ahead; 0 = each made when the loop asks for it (no overlap).
         num_workers: 0 = one background thread; N = a DataLoader with N worker processes.
     """
 
     def __init__(self, dataset, device: torch.device, depth: int = 2, num_workers: int = 0) -> None:
-        self.dataset, self.device, self.depth, self.num_workers = dataset, device, max(depth, 1), num_workers
+        self.dataset, self.device, self.depth, self.num_workers = dataset, device, depth, num_workers
         self.wait_s = 0.0
         self._pinned = device.type == "cuda"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __iter__(self) -> Iterator[dict]:
-        source = self._from_workers() if self.num_workers else self._from_thread()
+        if self.num_workers:
+            source = self._from_workers()
+        elif self.depth > 0:
+            source = self._from_thread()
+        else:
+            source = (self.dataset[index] for index in range(len(self.dataset)))
         while True:
             start = time.perf_counter()
             batch = next(source, _DONE)
@@ -64,7 +70,7 @@ class Prefetcher:
     def _from_workers(self) -> Iterator[dict]:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self._pinned,
-            prefetch_factor=self.depth, persistent_workers=False,
+            prefetch_factor=max(self.depth, 1), persistent_workers=False,
         )
         yield from loader
 
