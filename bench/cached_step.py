@@ -40,7 +40,7 @@ SHAPES = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522),
 }
-METHODS = ("floor", "ours", "st")
+METHODS = ("floor", "ours", "st", "st-autocast")
 
 
 def build_backbone(shape: str) -> BertModel:
@@ -88,10 +88,20 @@ def make_our_step(args, backbone):
     from trainer.model import Encoder
 
     encoder = Encoder(backbone).to(args.device)
+    autocast = None if args.dtype == torch.float32 else args.dtype
+    chunk_size, chunk_tokens = args.chunk, getattr(args, "chunk_tokens", None)
+    if chunk_tokens == "auto":  # what grad_cache.chunk_tokens=auto does before step 1
+        from trainer.autochunk import probe_chunk_tokens, training_reserve
+
+        length = getattr(args, "max_length", 128)
+        probe = probe_chunk_tokens(encoder, torch.device(args.device), length, args.batch, autocast,
+                                   reserve_bytes=training_reserve(encoder, 2 * args.batch))
+        chunk_size, chunk_tokens = None, probe.rows * length
+        args.probed_tokens = chunk_tokens
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=args.device == "cuda")
     loss_fn = ContrastiveLoss(temperature=0.05, tile_size=args.tile or None)
     cached = GradCache(
-        encoder, loss_fn, chunk_size=args.chunk, autocast_dtype=None if args.dtype == torch.float32 else args.dtype,
+        encoder, loss_fn, chunk_size=chunk_size, chunk_tokens=chunk_tokens, autocast_dtype=autocast,
         sort_by_length=getattr(args, "sort_by_length", True),
     )
 
@@ -147,7 +157,8 @@ def measure_one(args) -> dict:
     vocab = SHAPES[args.shape]["vocab_size"]
     queries = random_tokens(args.batch, args.q_len, vocab, args.device)
     docs = random_tokens(args.batch, args.d_len, vocab, args.device)
-    step = {"floor": make_floor_step, "ours": make_our_step, "st": make_st_step}[args.one](args, backbone)
+    args.st_backward_in_autocast = args.one == "st-autocast"
+    step = {"floor": make_floor_step, "ours": make_our_step, "st": make_st_step, "st-autocast": make_st_step}[args.one](args, backbone)
     step(queries, docs)  # warm-up: allocator, kernels, optimizer state
     sync(args.device)
     if args.device == "cuda":

@@ -34,7 +34,7 @@ SHAPES = {
 VARIANTS = {"full": (0, False), "full+ckpt": (0, True), "lora": (16, False), "lora+ckpt": (16, True)}
 
 
-def run_variant(args) -> dict:
+def run_variant(args, device: str | None = None) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
@@ -43,7 +43,7 @@ def run_variant(args) -> dict:
     from trainer.losses import ContrastiveLoss
     from trainer.model import Encoder
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     config = Qwen3Config(max_position_embeddings=max(args.seq, 64), **SHAPES[args.shape])
     encoder = Encoder(Qwen3Model(config), pooling="last_token")

