@@ -5,7 +5,8 @@ subprocess where a too-large chunk fails to allocate.
 RLIMIT_AS limits address space, not memory in use, and glibc's heap keeps the address space of
 freed blocks (its threshold for mmap-ing a block rises after a large one is freed). A memory limit
 (a cgroup) would not count those. So the limited runs fix glibc's threshold, MALLOC_MMAP_THRESHOLD_:
-freed blocks then leave the address space, and the limit measures what is in use.
+freed blocks then leave the address space, and the limit measures what is in use. They also turn
+off oneDNN's primitive cache, which keeps the memory of the large primitives a failed chunk made.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from trainer.autochunk import AdaptiveStep, largest_fitting, parse_size, split_o
 from trainer.gradcache import GradCache, StepOutOfMemory
 from trainer.losses import ContrastiveLoss
 
-LIMITED_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
+LIMITED_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1",
+               "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
 
 
 def limited(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
