@@ -7,6 +7,7 @@ import json
 
 import datasets
 import numpy as np
+import torch
 import pytest
 
 from tests.tiny import WORDS, run_torchrun, synthetic_pairs, write_jsonl, write_tiny_model
@@ -101,6 +102,13 @@ def test_prefixed_negatives_may_be_ragged(tmp_path, tokenizer):
         ('{"query": "w1", "positive": "w2", "negatives": ["w3", " "]}\n', "line 1: field 'negatives[1]' is empty"),
         ('{"query": "w1", "positive": "w2", "negative_1": ""}\n', "line 1: field 'negative_1' is empty"),
         ('["w1", "w2"]\n', "line 1: expected a JSON object"),
+        ('{"query": "w1", "positive": "w2", "negatives": ["w3"], "scores": [1.0, 0.5]}\n'
+         '{"query": "w1", "positive": "w2", "negatives": ["w3"], "scores": [1.0]}\n',
+         "line 2: field 'scores' has 1 scores for 2 texts"),
+        ('{"query": "w1", "positive": "w2", "negatives": ["w3"], "scores": [1.0, "high"]}\n',
+         "line 1: field 'scores[1]' must be a finite number, got 'high'"),
+        ('{"query": "w1", "positive": "w2", "negatives": ["w3"], "pos_scores": [2.0], "neg_scores": [1.0, 0.0]}\n',
+         "line 1: field 'pos_scores' + 'neg_scores' has 3 scores for 2 texts"),
     ],
 )
 def test_bad_rows_name_file_line_and_field(tmp_path, tokenizer, content, message):
@@ -343,3 +351,40 @@ def test_cached_rows_read_across_record_batches_in_the_order_asked(tmp_path, tok
     assert pickle.loads(pickle.dumps(table)).rows(wanted) == got  # a DataLoader worker maps it again
     with pytest.raises(IndexError):
         table.rows([300])
+
+
+# ------------------------------------------------------------------------------ teacher scores
+
+
+def test_teacher_scores_are_read_and_follow_the_chosen_negatives(tmp_path, tokenizer):
+    """A scores list (JSONL) and FlagEmbedding's pos_scores / neg_scores (Parquet) give the same
+    cached scores; a batch's teacher_scores are those of the documents it chose, nan where a
+    slot was padded with another row's positive."""
+    rows, mined = _mined(tmp_path, tokenizer, [4] * 8 + [1] * 8)
+    for i, row in enumerate(rows):
+        row["scores"] = [10.0 + i] + [float(i + j / 10) for j in range(len(row["negatives"]))]
+    scored = prepared(tmp_path, str(write_jsonl(tmp_path / "scored.jsonl", rows)), tokenizer)
+    assert scored.has_scores and not mined.has_scores
+    flag = [{k: v for k, v in r.items() if k != "scores"} | {"pos_scores": r["scores"][:1], "neg_scores": r["scores"][1:]}
+            for r in rows]
+    datasets.Dataset.from_list(flag).to_parquet(str(tmp_path / "flag.parquet"))
+    from_flag = prepared(tmp_path, str(tmp_path / "flag.parquet"), tokenizer)
+    as_float32 = [[float(np.float32(v)) for v in r["scores"]] for r in rows]  # the cache keeps float32
+    assert rows_of(scored)["scores"] == rows_of(from_flag)["scores"] == as_float32
+
+    score_of = {(text_hash(r["query"]), text_hash(t)): s for r in rows
+                for t, s in zip([r["positive"], *r["negatives"]], r["scores"])}
+    batches = GlobalBatches(scored.sizes, 16, seed=2)
+    for step in range(3):  # a new choice of negatives each epoch, scores following it
+        out = collate(scored, batches.batch_rows(step), tokenizer, num_negatives=2, seed=2)
+        teacher = out["teacher_scores"]
+        assert teacher.shape == (16, 3) and teacher.dtype == torch.float32
+        for i in range(16):
+            qh = int(out["query_hashes"][i])
+            for j in range(3):
+                expected = score_of.get((qh, int(out["doc_hashes"][i, j])))
+                if expected is None:  # a padded slot (rows with 1 negative): no teacher score
+                    assert j == 2 and torch.isnan(teacher[i, j])
+                else:
+                    assert float(teacher[i, j]) == pytest.approx(expected, abs=1e-5)  # stored as float32
+    assert "teacher_scores" not in collate(mined, batches.batch_rows(0), tokenizer, 1, 2)

@@ -32,6 +32,11 @@ class Partition(str, Enum):
     per_direction = "per_direction"
 
 
+class Distill(str, Enum):
+    kl = "kl"
+    margin_mse = "margin_mse"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -142,6 +147,9 @@ class DataConfig:
     """A list column of hard-negative texts (used if present)."""
     negative_prefix: str = "negative_"
     """Hard negatives as columns negative_1 .. negative_n (used if present)."""
+    scores_column: str = "scores"
+    """Teacher scores, a list aligned with [positive] + negatives (used if present; FlagEmbedding's
+    pos_scores / neg_scores are read when it is absent); loss.distill trains on them."""
     num_negatives: Optional[int] = None
     """Hard negatives per row (None = as many as every row has). Rows with more get a seeded
     choice of this many, drawn anew each epoch."""
@@ -180,6 +188,16 @@ class LossConfig:
     embeddings truncated to each size and normalised again (sentence-transformers' MatryoshkaLoss)."""
     matryoshka_weights: Optional[List[float]] = None
     """One weight per matryoshka_dims size; null = 1 each."""
+    distill: Optional[Distill] = None
+    """Distil a teacher's scores of each row's [positive] + negatives (the data's `scores`): kl =
+    KL(teacher || student) of softmax(scores / teacher_temperature) against softmax(cosine /
+    temperature); margin_mse = the student's cosine margins against the teacher's. null = off."""
+    distill_weight: float = 1.0
+    """The distillation term's weight: loss = contrastive_weight x contrastive + distill_weight x distill."""
+    contrastive_weight: float = 1.0
+    """The contrastive loss's weight in that sum (0 = distillation alone)."""
+    teacher_temperature: float = 1.0
+    """The temperature of the teacher's softmax (kl): match it to the spread of its scores."""
 
 
 @dataclass

@@ -265,17 +265,21 @@ class GradCache:
         docs: Batch,
         query_hashes: Tensor | None = None,
         doc_hashes: Tensor | None = None,
+        teacher_scores: Tensor | None = None,
     ) -> StepOutput:
         """queries: b tokenised texts; docs: b * (1 + n) tokenised texts, grouped by query (row
-        i's positive, then its n hard negatives). Hashes as in ContrastiveLoss.forward."""
+        i's positive, then its n hard negatives). Hashes and teacher scores as in
+        ContrastiveLoss.forward."""
         b = _num_rows(queries)
         n_docs = _num_rows(docs)
         if n_docs % b:
             raise ValueError(f"{n_docs} documents for {b} queries: expected b * (1 + n) documents")
         docs_per_query = n_docs // b
+        # Everything the loss reads besides the embeddings: hashes, and teacher scores if any.
+        loss_inputs = (query_hashes, doc_hashes) + ((teacher_scores,) if teacher_scores is not None else ())
         if self.chunk_size is None and self.chunk_tokens is None:
-            return self._plain_step(queries, docs, docs_per_query, query_hashes, doc_hashes)
-        return self._cached_step(queries, docs, docs_per_query, query_hashes, doc_hashes)
+            return self._plain_step(queries, docs, docs_per_query, loss_inputs)
+        return self._cached_step(queries, docs, docs_per_query, loss_inputs)
 
     def _scaled(self, tensor: Tensor) -> Tensor:
         return tensor if self.grad_scaler is None else self.grad_scaler.scale(tensor)
@@ -285,13 +289,13 @@ class GradCache:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
-    def _plain_step(self, queries, docs, docs_per_query, query_hashes, doc_hashes) -> StepOutput:
+    def _plain_step(self, queries, docs, docs_per_query, loss_inputs) -> StepOutput:
         device = queries["input_ids"].device
         with self._autocast(device):
             q = self.encoder(**queries)
             d = self.encoder(**docs)
         d = d.view(q.shape[0], docs_per_query, -1)
-        loss = self.loss_fn(q, d, query_hashes, doc_hashes)
+        loss = self.loss_fn(q, d, *loss_inputs)
         poisoned = loss * _nan_unless_finite(loss.detach())
         if self.engine is not None:
             self.engine.backward(poisoned)
@@ -299,7 +303,7 @@ class GradCache:
             self._scaled(poisoned).backward()
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
 
-    def _cached_step(self, queries, docs, docs_per_query, query_hashes, doc_hashes) -> StepOutput:
+    def _cached_step(self, queries, docs, docs_per_query, loss_inputs) -> StepOutput:
         device = queries["input_ids"].device
         plan = dict(chunk_size=self.chunk_size, chunk_tokens=self.chunk_tokens, sort_by_length=self.sort_by_length,
                     trim_padding=self.trim_padding)
@@ -318,7 +322,7 @@ class GradCache:
             q = _in_batch_order(torch.cat(embeddings[:n_query_chunks]), query_order).requires_grad_()
             d = _in_batch_order(torch.cat(embeddings[n_query_chunks:]), doc_order)
             d = d.view(q.shape[0], docs_per_query, -1).requires_grad_()
-            loss = self.loss_fn(q, d, query_hashes, doc_hashes)
+            loss = self.loss_fn(q, d, *loss_inputs)
             loss.backward()
         # Each chunk's slice of the cached gradient, in the order the chunks were cut.
         poison = _nan_unless_finite(loss.detach())

@@ -20,6 +20,11 @@ number in tests/test_losses.py.
 Matryoshka (matryoshka_dims): the weighted sum of that loss on the embeddings truncated to each
 size and normalised again (sentence-transformers' MatryoshkaLoss), from one gather at full size.
 
+Distillation (distill="kl" | "margin_mse", distill.py): a teacher's scores of each row's own group
+against the student's cosines of it, added with a weight: contrastive_weight x the loss above +
+distill_weight x the distillation term, computed on the same embeddings (so under GradCache, the
+gather and ZeRO alike), at every Matryoshka size.
+
 Both partitions reduce to one logsumexp per block (joint = logsumexp of the block logsumexps),
 which is what lets the tiled variant stream over columns without ever holding a full block.
 """
@@ -35,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer import distributed
+from trainer.distill import METHODS as DISTILL_METHODS
+from trainer.distill import group_cosines, kl_term, margin_mse_term, rank_agreement
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITIONS = ("joint", "per_direction")
@@ -131,6 +138,11 @@ class ContrastiveLoss(nn.Module):
             full one). The embeddings are gathered once; the training-health figures are the
             largest size's.
         matryoshka_weights: one weight per size (default 1 each).
+        distill: None, "kl" or "margin_mse": add a distillation term towards teacher scores of each
+            row's group (forward() then needs teacher_scores); see distill.py.
+        distill_weight: its weight in the total.
+        contrastive_weight: the weight of the contrastive loss in the total (0 = distillation alone).
+        teacher_temperature: the teacher's softmax temperature for "kl" (its scores' own scale).
     """
 
     def __init__(
@@ -145,8 +157,22 @@ class ContrastiveLoss(nn.Module):
         gather: bool = True,
         matryoshka_dims: tuple[int, ...] | list[int] | None = None,
         matryoshka_weights: tuple[float, ...] | list[float] | None = None,
+        distill: str | None = None,
+        distill_weight: float = 1.0,
+        contrastive_weight: float = 1.0,
+        teacher_temperature: float = 1.0,
     ) -> None:
         super().__init__()
+        if distill is not None and distill not in DISTILL_METHODS:
+            raise ValueError(f"distill must be one of {DISTILL_METHODS} or None, got {distill!r}")
+        if not teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
+        if distill_weight < 0 or contrastive_weight < 0 or (distill is not None and distill_weight + contrastive_weight == 0):
+            raise ValueError(f"the weights must be >= 0 and not both 0, got distill_weight={distill_weight}, "
+                             f"contrastive_weight={contrastive_weight}")
+        self.distill, self.teacher_temperature = distill, float(teacher_temperature)
+        self.distill_weight, self.contrastive_weight = float(distill_weight), float(contrastive_weight)
+        self.last_parts: dict[str, Tensor] = {}
         directions = tuple(directions)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -211,7 +237,9 @@ class ContrastiveLoss(nn.Module):
             f"temperature={self.temperature}, directions={self.directions}, partition={self.partition!r}, "
             f"mask_duplicates={self.mask_duplicates}, false_negative_margin={self.false_negative_margin}, "
             f"tile_size={self.tile_size}, matryoshka_dims={self.matryoshka_dims}, "
-            f"matryoshka_weights={self.matryoshka_weights}"
+            f"matryoshka_weights={self.matryoshka_weights}, distill={self.distill!r}, "
+            f"distill_weight={self.distill_weight}, contrastive_weight={self.contrastive_weight}, "
+            f"teacher_temperature={self.teacher_temperature}"
         )
 
     def forward(
@@ -220,34 +248,40 @@ class ContrastiveLoss(nn.Module):
         docs: Tensor,
         query_hashes: Tensor | None = None,
         doc_hashes: Tensor | None = None,
+        teacher_scores: Tensor | None = None,
     ) -> Tensor:
         """Loss (a scalar) for queries q (b, d) and documents docs (b, 1 + n, d) or (b, d).
 
         query_hashes (b,) and doc_hashes (b, 1 + n) are int64 text hashes, needed only with
-        mask_duplicates. The training-health figures of this call land in `self.last_stats`.
+        mask_duplicates; teacher_scores (b, 1 + n), only with distill (nan = not scored). The
+        training-health figures of this call land in `self.last_stats`, and with distill the
+        parts of the total in `self.last_parts` (contrastive, distill, rank_agreement).
         """
         if docs.dim() == 2:
             docs = docs.unsqueeze(1)
-        self._check_shapes(q, docs, query_hashes, doc_hashes)
+        self._check_shapes(q, docs, query_hashes, doc_hashes, teacher_scores)
         # The loss is always computed in at least fp32, outside any autocast of the caller: in
         # bf16 the scores of 32K columns would lose the differences the softmax is about.
         with torch.autocast(device_type=q.device.type, enabled=False):
             full = self._global_batch(q, docs, query_hashes, doc_hashes)
-            if self.matryoshka_dims is None:
-                loss, stats = self._loss(full)
-            else:
-                if max(self.matryoshka_dims) > q.shape[1]:
-                    raise ValueError(f"matryoshka_dims {self.matryoshka_dims} exceed the embedding size {q.shape[1]}")
-                loss, stats = 0.0, None
-                largest = max(self.matryoshka_dims)
-                for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
-                    dim_loss, dim_stats = self._loss(full.truncated(dim))
-                    loss = loss + weight * dim_loss
-                    stats = dim_stats if dim == largest else stats
+            teacher = None if teacher_scores is None else teacher_scores.to(full.queries.device, full.queries.dtype)
+            sizes = [(None, 1.0)] if self.matryoshka_dims is None else list(zip(self.matryoshka_dims, self.matryoshka_weights))
+            if self.matryoshka_dims is not None and max(self.matryoshka_dims) > q.shape[1]:
+                raise ValueError(f"matryoshka_dims {self.matryoshka_dims} exceed the embedding size {q.shape[1]}")
+            largest = max(dim or 0 for dim, _ in sizes)
+            loss, parts = 0.0, {}
+            for dim, weight in sizes:
+                dim_loss, dim_stats, dim_parts = self._loss(full if dim is None else full.truncated(dim), teacher)
+                loss = loss + weight * dim_loss
+                if (dim or 0) == largest:
+                    stats, parts["rank_agreement"] = dim_stats, dim_parts.pop("rank_agreement", None)
+                for key, value in dim_parts.items():
+                    parts[key] = parts.get(key, 0.0) + weight * value
         self.last_stats = stats
+        self.last_parts = {k: v.detach() for k, v in parts.items() if v is not None}
         return loss
 
-    def _loss(self, batch: _GlobalBatch) -> tuple[Tensor, LossStats]:
+    def _loss(self, batch: _GlobalBatch, teacher: Tensor | None) -> tuple[Tensor, LossStats, dict]:
         blocks = self._blocks(batch)
         if self.tile_size is None:
             block_lses, hardest = self._dense_block_lses(blocks, batch)
@@ -256,13 +290,30 @@ class ContrastiveLoss(nn.Module):
         stacked = torch.stack(block_lses, dim=1)
         log_z = torch.logsumexp(stacked, dim=1) if self.partition == "joint" else stacked.mean(dim=1)
         loss = (log_z - batch.pos_cos * self.scale).mean()
-        return loss, _stats(batch.pos_cos.detach(), hardest)
+        stats = _stats(batch.pos_cos.detach(), hardest)
+        if self.distill is None:
+            return loss, stats, {}
+        cosines = group_cosines(batch.queries, batch.doc_columns, batch.rows, batch.num_rows)
+        if self.distill == "kl":
+            distill = kl_term(cosines, teacher, self.temperature, self.teacher_temperature)
+        else:
+            distill = margin_mse_term(cosines, teacher)
+        total = self.contrastive_weight * loss + self.distill_weight * distill
+        return total, stats, {"contrastive": loss, "distill": distill, "rank_agreement": rank_agreement(cosines, teacher)}
 
-    def _check_shapes(self, q: Tensor, docs: Tensor, query_hashes: Tensor | None, doc_hashes: Tensor | None) -> None:
+    def _check_shapes(self, q: Tensor, docs: Tensor, query_hashes: Tensor | None, doc_hashes: Tensor | None,
+                      teacher_scores: Tensor | None = None) -> None:
         if q.dim() != 2 or docs.dim() != 3 or docs.shape[0] != q.shape[0] or docs.shape[2] != q.shape[1]:
             raise ValueError(
                 f"expected q of shape (b, d) and docs of shape (b, 1 + n, d); got {tuple(q.shape)} and {tuple(docs.shape)}"
             )
+        if self.distill is not None:
+            if teacher_scores is None:
+                raise ValueError(f"distill={self.distill!r} needs teacher_scores (b, 1 + n)")
+            if tuple(teacher_scores.shape) != tuple(docs.shape[:2]):
+                raise ValueError(f"teacher_scores of shape {tuple(teacher_scores.shape)} do not match docs {tuple(docs.shape)}")
+            if docs.shape[1] < 2:
+                raise ValueError("distillation needs hard negatives: a group of one document has nothing to rank")
         if not self.mask_duplicates:
             return
         if query_hashes is None or doc_hashes is None:

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from trainer import autochunk, checkpoint, distributed
 from trainer.backends import TrainingBackend, create_backend
 from trainer.data import (
-    Columns, GlobalBatches, TokenSettings, TrainingData, parse_sources, prepare, resolve_num_negatives, source_weights,
+    Columns, DataError, GlobalBatches, TokenSettings, TrainingData, parse_sources, prepare, require_scores,
+    resolve_num_negatives, source_weights,
 )
 from trainer.deepspeed_config import build_config, resolve_backend
 from trainer.early_stopping import EarlyStopping
@@ -201,12 +202,18 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
 
 
 def _inputs(cfg, env, tokenizer, settings: TokenSettings) -> Inputs:
-    columns = Columns(cfg.data.query_column, cfg.data.positive_column, cfg.data.negatives_column, cfg.data.negative_prefix)
+    columns = Columns(cfg.data.query_column, cfg.data.positive_column, cfg.data.negatives_column, cfg.data.negative_prefix,
+                      cfg.data.scores_column)
     train_spec = cfg.data.train
     sources = parse_sources(OmegaConf.to_container(train_spec) if OmegaConf.is_config(train_spec) else train_spec)
     eval_set = load_beir(cfg.eval.data) if cfg.eval.data else None
     data = prepare(sources, columns, tokenizer, settings, cfg.data.cache_dir)
     num_negatives = resolve_num_negatives(data, sources, cfg.data.num_negatives, cfg.data.missing_negatives.value)
+    if cfg.loss.distill:
+        require_scores(data, sources, f"loss.distill={cfg.loss.distill.value}")
+        if num_negatives == 0:
+            raise DataError(f"loss.distill={cfg.loss.distill.value} needs hard negatives: a group of one document "
+                            "(the positive) has nothing to rank")
     same_source = cfg.data.same_source_batches if cfg.data.same_source_batches is not None else len(sources) > 1
     weights = source_weights(data.sizes, [s.weight for s in sources], cfg.data.sampling.value, cfg.data.sampling_alpha)
     batches = GlobalBatches(
@@ -246,6 +253,10 @@ def _loss(cfg) -> ContrastiveLoss:
         tile_size=cfg.loss.tile_size,
         matryoshka_dims=list(cfg.loss.matryoshka_dims) if cfg.loss.matryoshka_dims else None,
         matryoshka_weights=list(cfg.loss.matryoshka_weights) if cfg.loss.matryoshka_weights else None,
+        distill=cfg.loss.distill.value if cfg.loss.distill else None,
+        distill_weight=cfg.loss.distill_weight,
+        contrastive_weight=cfg.loss.contrastive_weight,
+        teacher_temperature=cfg.loss.teacher_temperature,
     )
 
 

@@ -108,7 +108,8 @@ def _train_step(run: Run, batch: dict, step: int):
     """One optimizer step: (lr used, step output, backend result, whether it was skipped)."""
     state = run.state
     lr = run.backend.lr()
-    out = run.step(batch["queries"], batch["docs"], batch["query_hashes"], batch["doc_hashes"])
+    teacher = batch.get("teacher_scores") if run.loss_fn.distill else None
+    out = run.step(batch["queries"], batch["docs"], batch["query_hashes"], batch["doc_hashes"], teacher)
     loss_is_finite = _agree_finite(out.loss)
     result = run.backend.step(loss_is_finite)
     skipped = not result.applied and not result.overflow
@@ -244,6 +245,10 @@ def _metrics(cfg, out: StepOutput, loss_fn, step, batches, lr, grad_norm, pairs_
         "emb_std": emb_std,
         "grad_norm": float(grad_norm),
     }
+    if loss_fn.distill:  # the parts of the total, and whether student and teacher order groups alike
+        parts = loss_fn.last_parts
+        local = torch.tensor([float(parts[k]) for k in ("contrastive", "distill", "rank_agreement")])
+        record["loss_contrastive"], record["loss_distill"], record["rank_agreement"] = distributed.all_reduce_mean(local).tolist()
     if cfg.trainer.health_every and step % cfg.trainer.health_every == 0:
         # Every loss variant on the same embeddings: how the objectives move relative to each other.
         with torch.no_grad():

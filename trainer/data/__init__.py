@@ -11,13 +11,13 @@ world-size-invariant global batches -> padded model inputs.
 
 from trainer.data.batches import StepBatches, TrainingData, collate
 from trainer.data.cache import TokenSettings, default_cache_dir
-from trainer.data.prepare import prepare, resolve_num_negatives
+from trainer.data.prepare import prepare, require_scores, resolve_num_negatives
 from trainer.data.records import Columns, DataError, jsonl_records, text_hash
 from trainer.data.sampling import BatchRows, GlobalBatches, source_weights
 from trainer.data.sources import Source, parse_sources
 
 __all__ = [
     "BatchRows", "Columns", "DataError", "GlobalBatches", "Source", "StepBatches", "TokenSettings", "TrainingData",
-    "collate", "default_cache_dir", "jsonl_records", "parse_sources", "prepare", "resolve_num_negatives",
+    "collate", "default_cache_dir", "jsonl_records", "parse_sources", "prepare", "require_scores", "resolve_num_negatives",
     "source_weights", "text_hash",
 ]

@@ -12,7 +12,9 @@ What a folder holds (data.arrow, one row per training row):
   query_ids  list<int32>          the query's token ids, special tokens included, unpadded
   doc_ids    list<list<int32>>    [positive, every hard negative the row has]
   query_hash int64, doc_hash list<int64>    text hashes for duplicate masking
-and meta.json: rows, the fewest and most hard negatives of a row, and what the key covers.
+  scores     list<float32>        teacher scores aligned with doc_ids, or [] for a row without
+and meta.json: rows, the fewest and most hard negatives of a row, how many rows have teacher
+scores, and what the key covers.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ from trainer.data.mapped import MappedCacheFile, Spans
 from trainer.data.records import Columns, text_hash
 from trainer.data.sources import file_kind, text_batches
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: teacher scores
 SCHEMA = pa.schema(
     [
         ("query_ids", pa.list_(pa.int32())),
         ("doc_ids", pa.list_(pa.list_(pa.int32()))),
         ("query_hash", pa.int64()),
         ("doc_hash", pa.list_(pa.int64())),
+        ("scores", pa.list_(pa.float32())),
     ]
 )
 
@@ -132,7 +135,7 @@ def build(
     block i - 1, so the Python work hides behind the encoding.
     """
     folder.mkdir(parents=True)
-    rows, fewest, most = 0, None, 0
+    rows, fewest, most, scored = 0, None, 0, 0
     bar = tqdm(desc=f"tokenising {Path(path).name}", unit=" pairs", disable=not progress, dynamic_ncols=True)
     with (
         pa.OSFile(str(folder / "data.arrow"), "wb") as sink,
@@ -149,12 +152,13 @@ def build(
             if block.rows:
                 fewest = int(block.negatives.min()) if fewest is None else min(fewest, int(block.negatives.min()))
                 most = max(most, int(block.negatives.max()))
+                scored += block.scored
             rows += block.rows
             bar.update(block.rows)
         if pending is not None:
             writer.write_table(pending.result())
     bar.close()
-    meta = {"rows": rows, "min_negatives": fewest or 0, "max_negatives": most, "key": described,
+    meta = {"rows": rows, "min_negatives": fewest or 0, "max_negatives": most, "scored_rows": scored, "key": described,
             "built_by": f"{socket.gethostname()}:{os.getpid()}"}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -169,10 +173,16 @@ class _Block:
     negatives: np.ndarray  # per row
     query_hash: pa.Array
     doc_hash: pa.Array
+    scores: pa.Array
 
     @property
     def rows(self) -> int:
         return len(self.queries)
+
+    @property
+    def scored(self) -> int:
+        """Rows that have teacher scores."""
+        return int(np.count_nonzero(np.diff(self.scores.offsets.to_numpy())))
 
     @classmethod
     def of(cls, texts: pa.Table, settings: TokenSettings) -> _Block:
@@ -191,6 +201,7 @@ class _Block:
             # Hashes of the raw texts: two rows with the same text are the same example.
             query_hash=pa.array([text_hash(q) for q in queries], pa.int64()),
             doc_hash=pa.array([text_hash(d) for d in docs], pa.int64()),
+            scores=texts.column("scores").combine_chunks(),
         )
 
     def encoded(self, tokenizer: PreTrainedTokenizerBase, settings: TokenSettings) -> pa.Table:
@@ -201,6 +212,7 @@ class _Block:
                 "doc_ids": pa.ListArray.from_arrays(row_offsets, _token_ids(tokenizer, self.docs, settings.doc_max_length)),
                 "query_hash": self.query_hash,
                 "doc_hash": pa.ListArray.from_arrays(row_offsets, self.doc_hash),
+                "scores": self.scores,
             },
             schema=SCHEMA,
         )
@@ -251,6 +263,7 @@ class CachedFile:
     rows: int
     min_negatives: int
     max_negatives: int
+    scored_rows: int
     built: bool  # True if this call built it
 
 
@@ -287,7 +300,7 @@ def ensure_cached(
         else:
             say(f"using the token cache of {path} in {final}")
     meta = json.loads((final / "meta.json").read_text())
-    return CachedFile(final, meta["rows"], meta["min_negatives"], meta["max_negatives"], built)
+    return CachedFile(final, meta["rows"], meta["min_negatives"], meta["max_negatives"], meta["scored_rows"], built)
 
 
 class CachedRows:
@@ -357,6 +370,13 @@ class CachedRows:
             parts.append((where, spans))
         return parts, hashes
 
+    def doc_scores(self, indices, slots: np.ndarray) -> np.ndarray:
+        """Teacher score of document slots[j] of row indices[j] (rows must have scores)."""
+        out = np.zeros(len(indices), dtype=np.float32)
+        for file, where, rows in self._by_file(indices):
+            out[where] = file.doc_scores(rows, slots[where])
+        return out
+
     def rows(self, indices) -> dict[str, list]:
         """Columns (as Python lists) of the rows `indices`, in that order (for tests and tools;
         training batches use the spans above)."""
@@ -377,4 +397,16 @@ class CachedRows:
         bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
         out["doc_ids"] = [docs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         out["doc_hash"] = [doc_hash[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+        has_scores = self.score_counts(indices) > 0
+        flat = np.zeros(len(row_of), np.float32)
+        scored_docs = np.flatnonzero(has_scores[row_of])
+        flat[scored_docs] = self.doc_scores(indices[row_of][scored_docs], slots[scored_docs])
+        out["scores"] = [flat[a:b].tolist() if has else [] for has, a, b in zip(has_scores, bounds[:-1], bounds[1:])]
         return out
+
+    def score_counts(self, indices) -> np.ndarray:
+        """Teacher scores per row: 1 + its negatives, or 0 for a row without."""
+        counts = np.zeros(len(indices), dtype=np.int64)
+        for file, where, rows in self._by_file(indices):
+            counts[where] = file.score_counts(rows)
+        return counts

@@ -31,6 +31,8 @@ _BUFFERS = {
     "query_hash": (np.int64, "query_hash", 1),
     "hash_rows": (np.int32, "doc_hash", 1),
     "doc_hash": (np.int64, "doc_hash", 3),
+    "score_rows": (np.int32, "scores", 1),
+    "scores": (np.float32, "scores", 3),
 }
 
 
@@ -54,6 +56,7 @@ class MappedCacheFile:
         batches = pa.ipc.open_stream(source).read_all().to_batches()
         self.int32 = np.frombuffer(self._map, dtype=np.int32, count=self._map.size // 4)
         self.int64 = np.frombuffer(self._map, dtype=np.int64, count=self._map.size // 8)
+        self.float32 = np.frombuffer(self._map, dtype=np.float32, count=self._map.size // 4)
         self.batch_starts = np.cumsum([0] + [b.num_rows for b in batches]).astype(np.int64)
         self.positions = {name: np.zeros(len(batches), dtype=np.int64) for name in _BUFFERS}
         for k, batch in enumerate(batches):
@@ -69,6 +72,8 @@ class MappedCacheFile:
         if any(a.offset or a.null_count for a in nested):
             raise ValueError(f"{self.path}: column {column} is sliced or has nulls; delete the cache entry to rebuild it")
         buffer = array.buffers()[index]
+        if buffer is None or buffer.size == 0:  # nothing to read (e.g. no row has teacher scores)
+            return 0
         where = buffer.address - self._map.address
         if not 0 <= where <= self._map.size - buffer.size or where % itemsize:
             raise ValueError(f"{self.path}: column {column} is not an aligned part of the memory map")
@@ -103,6 +108,19 @@ class MappedCacheFile:
         spans = Spans(self.int32, self.positions["doc_values"][batch] + first, (end - first).astype(np.int64))
         hash_at = self.int32[self.positions["hash_rows"][batch] + i] + slots
         return spans, self.int64[self.positions["doc_hash"][batch] + hash_at]
+
+
+    def score_counts(self, rows: np.ndarray) -> np.ndarray:
+        """Teacher scores per row (0 for a row without)."""
+        batch, i = self._locate(rows)
+        at = self.positions["score_rows"][batch] + i
+        return (self.int32[at + 1] - self.int32[at]).astype(np.int64)
+
+    def doc_scores(self, rows: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The teacher score of document `slots[j]` of row `rows[j]` (rows that have scores)."""
+        batch, i = self._locate(rows)
+        at = self.int32[self.positions["score_rows"][batch] + i] + slots
+        return self.float32[self.positions["scores"][batch] + at]
 
 
 class PaddedTokens:

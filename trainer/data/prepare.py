@@ -58,7 +58,19 @@ def prepare(
         names=[s.name for s in sources],
         tables=tables,
         min_negatives=[min(f.min_negatives for f in files) for files in cached],
+        scored_rows=[sum(f.scored_rows for f in files) for files in cached],
     )
+
+
+def require_scores(data: TrainingData, sources: list[Source], why: str) -> None:
+    """DataError unless every row of every source has teacher scores."""
+    for source, scored, size in zip(sources, data.scored_rows, data.sizes):
+        if scored != size:
+            raise DataError(
+                f"{', '.join(source.paths)}: {why} needs teacher scores for every row, but {size - scored} of {size} "
+                "rows have none (a 'scores' list aligned with [positive] + negatives, or FlagEmbedding's "
+                "pos_scores / neg_scores; python -m trainer.score adds them)"
+            )
 
 
 def resolve_num_negatives(data: TrainingData, sources: list[Source], wanted: int | None, missing: str) -> int:

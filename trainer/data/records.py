@@ -27,6 +27,12 @@ class Columns:
     positive: str = "positive"
     negatives: str = "negatives"
     negative_prefix: str = "negative_"
+    scores: str = "scores"
+    """Teacher scores aligned with [positive] + negatives (FlagEmbedding's pos_scores and
+    neg_scores are read too, when this column is absent)."""
+
+
+FLAG_SCORES = ("pos_scores", "neg_scores")  # FlagEmbedding's teacher-score columns
 
 
 def text_hash(text: str) -> int:
@@ -78,7 +84,35 @@ def row_texts(source: str, where: str, record: dict, columns: Columns) -> tuple[
     return text(columns.query, record.get(columns.query)), docs
 
 
+def row_scores(source: str, where: str, record: dict, columns: Columns, documents: int) -> list[float] | None:
+    """The row's teacher scores, aligned with its `documents` texts ([positive] + negatives), or
+    None if it has none; DataError naming source, where and field when they are malformed."""
+    if record.get(columns.scores) is not None:
+        fields = [(columns.scores, record[columns.scores])]
+    elif record.get(FLAG_SCORES[0]) is not None or record.get(FLAG_SCORES[1]) is not None:
+        fields = [(name, record.get(name)) for name in FLAG_SCORES]
+    else:
+        return None
+    scores = []
+    for field, values in fields:
+        if not isinstance(values, list):
+            raise DataError(f"{source}: {where}: field '{field}' must be a list of numbers, got {type(values).__name__}")
+        for i, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+                raise DataError(f"{source}: {where}: field '{field}[{i}]' must be a finite number, got {value!r}")
+        scores.append(values[:1] if field == FLAG_SCORES[0] else values)
+    scores = [float(v) for part in scores for v in part]
+    if len(scores) != documents:
+        names = " + ".join(f"'{f}'" for f, _ in fields)
+        raise DataError(
+            f"{source}: {where}: field {names} has {len(scores)} scores for {documents} texts "
+            "(one per text: the positive, then each hard negative)"
+        )
+    return scores
+
+
 def first_bad_jsonl_row(path: Path, columns: Columns) -> None:
     """Read a JSONL file row by row and raise the DataError of its first bad row, if it has one."""
     for where, record in jsonl_records(path):
-        row_texts(str(path), where, record, columns)
+        _, docs = row_texts(str(path), where, record, columns)
+        row_scores(str(path), where, record, columns, len(docs))

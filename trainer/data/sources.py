@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trainer.data.records import Columns, DataError, first_bad_jsonl_row, jsonl_records
+from trainer.data.records import FLAG_SCORES, Columns, DataError, first_bad_jsonl_row, jsonl_records, row_scores
 
 JSONL_BLOCK_BYTES = 8 << 20  # ~20K Debian rows: enough to keep the tokenizer's threads busy
 ROWS_PER_BATCH = 16384
@@ -123,6 +123,7 @@ def _raw_batches(path: str, kind: str, columns: Columns) -> Iterator[pa.RecordBa
         schema = pa.schema(
             [(columns.query, pa.string()), (columns.positive, pa.string()), (columns.negatives, pa.list_(pa.string()))]
             + [(name, pa.string()) for name in _jsonl_prefix_columns(path, columns)]
+            + [(name, pa.list_(pa.float64())) for name in (columns.scores, *FLAG_SCORES)]
         )
         reader = pj.open_json(
             stream,
@@ -194,7 +195,61 @@ def _validated(batch, columns: Columns, path: str, kind: str, first_row: int) ->
     query = _checked_text(batch.column(columns.query), columns.query, fail)
     positive = _checked_text(batch.column(columns.positive), columns.positive, fail)
     negatives = _negatives(batch, names, columns, fail)
-    return pa.table({"query": query, "positive": positive, "negatives": negatives})
+    scores = _scores(batch, names, columns, 1 + np.diff(negatives.offsets.to_numpy()), fail, path, kind, first_row)
+    return pa.table({"query": query, "positive": positive, "negatives": negatives, "scores": scores})
+
+
+def _scores(batch, names: list[str], columns: Columns, documents: np.ndarray, fail, path, kind, first_row) -> pa.Array:
+    """One list<float32> per row: its teacher scores, aligned with [positive] + negatives, or an
+    empty list for a row without scores."""
+    rows = batch.num_rows
+
+    def present(name: str) -> bool:  # a JSONL block has every schema column, null where absent
+        return name in names and batch.column(name).null_count < rows
+
+    if not present(columns.scores):
+        if not any(present(name) for name in FLAG_SCORES):
+            return pa.array([[]] * rows, pa.list_(pa.float32()))
+        return _flag_scores(batch, names, columns, documents, path, kind, first_row)
+    column = batch.column(columns.scores)
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    numeric = pa.types.is_list(column.type) and (pa.types.is_floating(column.type.value_type) or pa.types.is_integer(column.type.value_type))
+    if not numeric and column.null_count < rows:
+        valid = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+        fail(int(valid[0]), f"field '{columns.scores}' must be a list of numbers, got {column.type}")
+    if not numeric:
+        return pa.array([[]] * rows, pa.list_(pa.float32()))
+    column = pc.fill_null(column, pa.scalar([], column.type))
+    offsets = column.offsets.to_numpy()
+    counts = np.diff(offsets)
+    wrong = np.flatnonzero((counts > 0) & (counts != documents))
+    if len(wrong):
+        row = int(wrong[0])
+        fail(row, f"field '{columns.scores}' has {counts[row]} scores for {documents[row]} texts "
+                  "(one per text: the positive, then each hard negative)")
+    values = column.flatten().cast(pa.float64()).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        owner = int(np.searchsorted(offsets, offsets[0] + bad[0], side="right") - 1)
+        fail(owner, f"field '{columns.scores}[{bad[0] - (offsets[owner] - offsets[0])}]' must be a finite number, got {values[bad[0]]}")
+    return pa.ListArray.from_arrays(pa.array((offsets - offsets[0]).astype(np.int32)), pa.array(values.astype(np.float32)))
+
+
+def _flag_scores(batch, names, columns: Columns, documents: np.ndarray, path, kind, first_row) -> pa.Array:
+    """FlagEmbedding's pos_scores / neg_scores (a rare layout: read row by row)."""
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    pos = table.column(FLAG_SCORES[0]).to_pylist() if FLAG_SCORES[0] in names else [None] * table.num_rows
+    neg = table.column(FLAG_SCORES[1]).to_pylist() if FLAG_SCORES[1] in names else [None] * table.num_rows
+    out = []
+    for row, (p, n) in enumerate(zip(pos, neg)):
+        record = {FLAG_SCORES[0]: p, FLAG_SCORES[1]: n}
+        try:
+            out.append(row_scores(path, _where(kind, first_row + row), record, columns, int(documents[row])) or [])
+        except DataError:
+            if kind == "jsonl":
+                first_bad_jsonl_row(Path(path), columns)
+            raise
+    return pa.array(out, pa.list_(pa.float32()))
 
 
 def _checked_text(array, field: str, fail) -> pa.Array:
