@@ -56,7 +56,7 @@ def test_readme_documents_every_config_key():
 
 def test_readme_documents_every_tool_key():
     readme = (REPO / "README.md").read_text()
-    for schema, tool in ((config.MineConfig, "mine"), (config.EvaluateConfig, "evaluate")):
+    for schema, tool in ((config.MineConfig, "mine"), (config.EvaluateConfig, "evaluate"), (config.ScoreConfig, "score")):
         header = f"| `python -m trainer.{tool}` key |"
         assert header in readme, header
         table = readme[readme.index(header) :].split("\n\n")[0]

@@ -385,8 +385,65 @@ class NegativeSampling(str, Enum):
     random = "random"
 
 
+class TeacherKind(str, Enum):
+    auto = "auto"
+    cross_encoder = "cross_encoder"
+    bi_encoder = "bi_encoder"
+
+
+class FilterBy(str, Enum):
+    student = "student"
+    teacher = "teacher"
+
+
 @dataclass
-class MineConfig:
+class TeacherKeys:
+    """The teacher of `python -m trainer.score` and `python -m trainer.mine teacher=PATH`."""
+
+    teacher: Optional[str] = None
+    """The teacher: a model folder or installed model package (a cross-encoder, or an embedder)."""
+    teacher_kind: TeacherKind = TeacherKind.auto
+    """cross_encoder (a sequence-classification model with one output: its raw logit), bi_encoder
+    (an embedder: the cosine), or auto (a *ForSequenceClassification architecture is a cross-encoder)."""
+    teacher_batch_size: int = 64
+    """Pairs per forward pass of the teacher."""
+    teacher_max_length: int = 512
+    """Tokens per pair (cross-encoder) or per text (bi-encoder); longer ones are truncated."""
+    teacher_precision: Optional[Precision] = None
+    """fp32, bf16 or fp16; null = bf16 on a GPU, fp32 on a CPU."""
+    teacher_query_prefix: str = ""
+    """Prepended to every query the teacher reads."""
+    teacher_doc_prefix: str = ""
+    """Prepended to every document the teacher reads."""
+    teacher_trust_remote_code: bool = False
+    """Run the Python code the teacher's folder ships (its config's auto_map); off = refuse it."""
+
+
+@dataclass
+class ScoreConfig(TeacherKeys):
+    """`python -m trainer.score` (conf/tools/score.yaml): a teacher's scores of every row's
+    [positive] + negatives, added to the rows as `scores`."""
+
+    input: str = MISSING
+    """Rows with hard negatives, in any format data.train reads."""
+    output: str = MISSING
+    """Where the scored rows go: .jsonl, .jsonl.gz or .parquet. Never overwritten unless overwrite=true."""
+    overwrite: bool = False
+    """Replace an existing output file."""
+    query_column: str = "query"
+    """Column holding the query text."""
+    positive_column: str = "positive"
+    """Column holding the positive document text."""
+    negatives_column: str = "negatives"
+    """A list column of hard-negative texts."""
+    negative_prefix: str = "negative_"
+    """Hard negatives as columns negative_1 .. negative_n."""
+    device: str = "auto"
+    """auto, cpu or cuda (each rank its own GPU under torchrun)."""
+
+
+@dataclass
+class MineConfig(TeacherKeys):
     """`python -m trainer.mine` (conf/tools/mine.yaml): hard negatives for training pairs."""
 
     input: str = MISSING
@@ -415,6 +472,10 @@ class MineConfig:
     TopK-PercPos); null = off."""
     margin: Optional[float] = None
     """Also drop a candidate whose cosine exceeds the positive's minus this margin; null = off."""
+    filter_by: FilterBy = FilterBy.student
+    """Whose scores the filter judges by: the student model's cosine, or the teacher's scores (needs
+    teacher; every candidate is then scored by it). A cross-encoder's raw logits can be negative:
+    use margin with them rather than max_score_ratio."""
     sampling: NegativeSampling = NegativeSampling.top
     """top: the best-ranked survivors; random: a seeded random choice among them (kept in rank order)."""
     seed: int = 42
@@ -440,8 +501,10 @@ class MineConfig:
 
 def register() -> None:
     """Make the schemas known to Hydra: `base_config` (conf/config.yaml's first default),
-    `evaluate_schema` (conf/tools/evaluate.yaml) and `mine_schema` (conf/tools/mine.yaml)."""
+    `evaluate_schema` (conf/tools/evaluate.yaml), `mine_schema` (conf/tools/mine.yaml) and
+    `score_schema` (conf/tools/score.yaml)."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(name="mine_schema", node=MineConfig)
+    store.store(name="score_schema", node=ScoreConfig)

@@ -13,6 +13,10 @@
 4. Each row keeps num_negatives survivors (the best-ranked, or a seeded random choice); a row
    without enough is dropped and counted. The output is the input row with `negatives` and
    `negative_scores`, ready for data.train.
+5. With `teacher=PATH` (a cross-encoder or a stronger embedder, teacher.py), each output row also
+   gets `scores`: the teacher's scores of [positive] + negatives, for loss.distill. With
+   `filter_by=teacher` the filter of step 3 judges by the teacher's scores of every candidate
+   instead of the model's cosine: the recipe's "ambiguous label" drop, by the stronger model.
 
 Under torchrun every rank embeds its share of the pool and of the queries and searches its share
 of the pool; the ranks' lists are merged exactly, so N ranks write what 1 rank writes. Rank 0
@@ -32,6 +36,8 @@ import torch
 
 from trainer import distributed
 from trainer.data import Columns, DataError
+from trainer.data.output import check_output, write_rows
+from trainer.data.records import FLAG_SCORES
 from trainer.data.sources import file_kind, raw_rows, text_batches
 from trainer.evaluate import corpus_text, read_jsonl
 from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, score_candidates, topk_search
@@ -238,70 +244,29 @@ def embed_pool(embed, pool: list[str], batch_size: int, cache_dir: str | None, s
 
 
 def _without_negatives(row: dict, columns: Columns) -> dict:
-    return {k: v for k, v in row.items() if k != columns.negatives and not k.startswith(columns.negative_prefix)}
+    """The row without its old negatives, nor the scores that went with them."""
+    stale = {columns.negatives, columns.scores, "negative_scores", *FLAG_SCORES}
+    return {k: v for k, v in row.items() if k not in stale and not k.startswith(columns.negative_prefix)}
 
 
-def write_output(cfg, columns: Columns, pool: list[str], chosen: np.ndarray, chosen_scores: np.ndarray) -> int:
+def write_output(cfg, columns: Columns, pool: list[str], chosen: np.ndarray, chosen_scores: np.ndarray,
+                 teacher_scores: np.ndarray | None = None) -> int:
     """The input rows that got negatives, with `negatives` and `negative_scores` (replacing any
-    negatives the input had), written to a temporary file and renamed when complete."""
-    output = Path(cfg.output)
-    tmp = output.with_name(output.name + ".tmp")
-    rows_out = []
-    written = 0
+    negatives the input had) and, with a teacher, `scores` aligned with [positive] + negatives."""
 
     def mined_rows():
         for i, row in enumerate(raw_rows(cfg.input, columns)):
             if chosen[i, 0] >= 0:
-                yield {
+                out = {
                     **_without_negatives(row, columns),
                     "negatives": [pool[j] for j in chosen[i]],
                     "negative_scores": [round(float(s), 6) for s in chosen_scores[i]],
                 }
+                if teacher_scores is not None:
+                    out["scores"] = [round(float(s), 6) for s in teacher_scores[i]]
+                yield out
 
-    if output.name.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        writer = None
-        for row in mined_rows():
-            rows_out.append(row)
-            if len(rows_out) == ROW_BLOCK:
-                writer = _write_parquet_block(pa, pq, writer, tmp, rows_out)
-                written += len(rows_out)
-                rows_out = []
-        if rows_out or writer is None:
-            writer = _write_parquet_block(pa, pq, writer, tmp, rows_out)
-            written += len(rows_out)
-        writer.close()
-    else:
-        import gzip
-
-        opener = gzip.open if output.name.endswith(".gz") else open
-        with opener(tmp, "wt", encoding="utf-8") as handle:
-            for row in mined_rows():
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                written += 1
-    tmp.replace(output)
-    return written
-
-
-def _write_parquet_block(pa, pq, writer, path: Path, rows: list[dict]):
-    table = pa.Table.from_pylist(rows, schema=writer.schema if writer is not None else None)
-    writer = writer or pq.ParquetWriter(path, table.schema)
-    writer.write_table(table)
-    return writer
-
-
-def _check_output(cfg) -> None:
-    output = Path(cfg.output)
-    if not output.name.endswith((".jsonl", ".jsonl.gz", ".parquet")):
-        raise ValueError(f"output={cfg.output}: must end in .jsonl, .jsonl.gz or .parquet")
-    if output.exists() and not cfg.overwrite:
-        raise ValueError(f"output={cfg.output} exists; pass overwrite=true to replace it")
-    if Path(cfg.input).resolve() == output.resolve():
-        raise ValueError(f"output={cfg.output} is the input file; write the mined rows elsewhere")
-    if not output.parent.is_dir():
-        raise ValueError(f"output={cfg.output}: folder {output.parent} does not exist")
+    return write_rows(cfg.output, mined_rows())
 
 
 def _check_settings(cfg) -> None:
@@ -309,6 +274,8 @@ def _check_settings(cfg) -> None:
         raise ValueError(f"num_negatives must be at least 1, got {cfg.num_negatives}")
     if not 0 <= cfg.range_min < cfg.range_max:
         raise ValueError(f"need 0 <= range_min < range_max, got range_min={cfg.range_min} range_max={cfg.range_max}")
+    if cfg.filter_by.value == "teacher" and not cfg.teacher:
+        raise ValueError("filter_by=teacher needs teacher=PATH (a cross-encoder or an embedder folder)")
     if cfg.range_max - cfg.range_min < cfg.num_negatives:
         raise ValueError(f"range_min..range_max ({cfg.range_min}..{cfg.range_max}) holds fewer than num_negatives={cfg.num_negatives} candidates")
 
@@ -323,10 +290,11 @@ def mine(cfg) -> dict:
         AUTOCAST_DTYPES, Encoder, ends_with_eos, load_tokenizer, prompt_prefixes, resolve_device, resolve_model_path,
         text_embedder,
     )
+    from trainer.score import load_teacher
 
     started = time.perf_counter()
     _check_settings(cfg)
-    _check_output(cfg)
+    check_output(cfg.input, cfg.output, cfg.overwrite)
     file_kind(cfg.input)  # a missing or unsupported input fails here, before the model loads
     columns = Columns(cfg.query_column, cfg.positive_column)
     say = (lambda *a: print(*a, flush=True)) if distributed.is_main() else (lambda *a: None)
@@ -379,16 +347,26 @@ def mine(cfg) -> dict:
                 positive_ids[r0 : r0 + ROW_BLOCK, None], docs, doc_ids, len(pool))[:, 0]
         for r0 in range(0, len(positive_ids), ROW_BLOCK)
     ])
+    teacher = load_teacher(cfg, device) if cfg.teacher else None
+    # Who judges the candidates: the student's cosines, or (filter_by=teacher) the teacher's scores.
+    judge, judge_positive = candidate_scores, positive_scores
+    if cfg.filter_by.value == "teacher":
+        judge = teacher_scores_of(teacher, cfg, pairs.queries, np.arange(len(pairs.queries)), candidates, pool)
+        judge_positive = teacher_scores_of(teacher, cfg, pairs.queries, pairs.row_query, positive_ids[:, None], pool)[:, 0]
     generator = np.random.default_rng(cfg.seed)
     chosen, chosen_scores, dropped = [], [], 0
     for r0 in range(0, len(positive_ids), ROW_BLOCK):
         rows_query = pairs.row_query[r0 : r0 + ROW_BLOCK]
-        c, s, d = choose(candidates[rows_query], candidate_scores[rows_query], positive_scores[r0 : r0 + ROW_BLOCK],
+        c, _, d = choose(candidates[rows_query], judge[rows_query], judge_positive[r0 : r0 + ROW_BLOCK],
                          cfg.num_negatives, cfg.max_score_ratio, cfg.margin, cfg.sampling.value, generator)
         chosen.append(c)
-        chosen_scores.append(s)
+        chosen_scores.append(_scores(queries[torch.as_tensor(rows_query, device=queries.device)], c, docs, doc_ids, len(pool)))
         dropped += d
     chosen, chosen_scores = np.concatenate(chosen), np.concatenate(chosen_scores)
+    teacher_scores = None
+    if teacher is not None:  # the distillation targets: [positive] + the chosen negatives of every kept row
+        group = np.where(chosen[:, :1] >= 0, np.concatenate([positive_ids[:, None], chosen], axis=1), -1)
+        teacher_scores = teacher_scores_of(teacher, cfg, pairs.queries, pairs.row_query, group, pool)
 
     kept = chosen[:, 0] >= 0
     per_row_candidates = (candidates >= 0).sum(axis=1)[pairs.row_query].sum()
@@ -402,7 +380,7 @@ def mine(cfg) -> dict:
         "mean_negative_score": float(chosen_scores[kept].mean()) if kept.any() else float("nan"),
     }
     if distributed.is_main():
-        summary["rows_written"] = write_output(cfg, columns, pool, chosen, chosen_scores)
+        summary["rows_written"] = write_output(cfg, columns, pool, chosen, chosen_scores, teacher_scores)
     distributed.barrier()
     summary["seconds"] = time.perf_counter() - started
     summary["pairs_per_s"] = summary["rows_in"] / summary["seconds"]
@@ -414,6 +392,18 @@ def mine(cfg) -> dict:
         f"{summary['seconds']:.1f} s ({summary['pairs_per_s']:.1f} pairs/s); wrote {cfg.output}"
     )
     return summary
+
+
+def teacher_scores_of(teacher, cfg, query_texts: list[str], row_query: np.ndarray, ids: np.ndarray, pool: list[str]) -> np.ndarray:
+    """(rows, k) teacher scores of query row_query[i] with pool text ids[i, j] (nan where ids is -1)."""
+    from trainer.teacher import score_pairs
+
+    rows, slots = np.nonzero(ids >= 0)
+    scores, _ = score_pairs(teacher, [query_texts[q] for q in row_query[rows]], [pool[j] for j in ids[rows, slots]],
+                            cfg.teacher_batch_size, desc="teacher scores")
+    out = np.full(ids.shape, np.nan)
+    out[rows, slots] = scores
+    return out
 
 
 def _scores(queries, candidates: np.ndarray, docs, doc_ids, pool_size: int) -> np.ndarray:

@@ -48,8 +48,12 @@ class EmbeddingPlan:
 
 def plan_batches(texts: Sequence[str], batch_size: int, world_size: int) -> EmbeddingPlan:
     """Batches of `batch_size` texts by decreasing length (little padding), dealt round-robin."""
-    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-    order = np.argsort(-lengths, kind="stable")
+    return plan_by_length(np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), batch_size, world_size)
+
+
+def plan_by_length(lengths: np.ndarray, batch_size: int, world_size: int) -> EmbeddingPlan:
+    """Batches of `batch_size` items by decreasing length, dealt round-robin to the ranks."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
     return EmbeddingPlan([order[i : i + batch_size] for i in range(0, len(order), batch_size)], world_size)
 
 
