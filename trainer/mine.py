@@ -348,25 +348,10 @@ def mine(cfg) -> dict:
         for r0 in range(0, len(positive_ids), ROW_BLOCK)
     ])
     teacher = load_teacher(cfg, device) if cfg.teacher else None
-    # Who judges the candidates: the student's cosines, or (filter_by=teacher) the teacher's scores.
-    judge, judge_positive = candidate_scores, positive_scores
-    if cfg.filter_by.value == "teacher":
-        judge = teacher_scores_of(teacher, cfg, pairs.queries, np.arange(len(pairs.queries)), candidates, pool)
-        judge_positive = teacher_scores_of(teacher, cfg, pairs.queries, pairs.row_query, positive_ids[:, None], pool)[:, 0]
-    generator = np.random.default_rng(cfg.seed)
-    chosen, chosen_scores, dropped = [], [], 0
-    for r0 in range(0, len(positive_ids), ROW_BLOCK):
-        rows_query = pairs.row_query[r0 : r0 + ROW_BLOCK]
-        c, _, d = choose(candidates[rows_query], judge[rows_query], judge_positive[r0 : r0 + ROW_BLOCK],
-                         cfg.num_negatives, cfg.max_score_ratio, cfg.margin, cfg.sampling.value, generator)
-        chosen.append(c)
-        chosen_scores.append(_scores(queries[torch.as_tensor(rows_query, device=queries.device)], c, docs, doc_ids, len(pool)))
-        dropped += d
-    chosen, chosen_scores = np.concatenate(chosen), np.concatenate(chosen_scores)
-    teacher_scores = None
-    if teacher is not None:  # the distillation targets: [positive] + the chosen negatives of every kept row
-        group = np.where(chosen[:, :1] >= 0, np.concatenate([positive_ids[:, None], chosen], axis=1), -1)
-        teacher_scores = teacher_scores_of(teacher, cfg, pairs.queries, pairs.row_query, group, pool)
+    chosen, chosen_scores, dropped, teacher_scores = _choose_negatives(
+        cfg, teacher, pairs, pool, candidates, candidate_scores, positive_ids, positive_scores,
+        lambda rows, ids: _scores(queries[torch.as_tensor(rows, device=queries.device)], ids, docs, doc_ids, len(pool)),
+    )
 
     kept = chosen[:, 0] >= 0
     per_row_candidates = (candidates >= 0).sum(axis=1)[pairs.row_query].sum()
@@ -392,6 +377,32 @@ def mine(cfg) -> dict:
         f"{summary['seconds']:.1f} s ({summary['pairs_per_s']:.1f} pairs/s); wrote {cfg.output}"
     )
     return summary
+
+
+def _choose_negatives(cfg, teacher, pairs: Pairs, pool: list[str], candidates: np.ndarray, candidate_scores: np.ndarray,
+                      positive_ids: np.ndarray, positive_scores: np.ndarray, cosines) -> tuple:
+    """The filter and the choice, judged by the student's cosines or (filter_by=teacher) by the
+    teacher's scores: (chosen ids, their cosines, candidates dropped, teacher scores of [positive]
+    + chosen per row or None). cosines(query rows, ids) gives the student's scores."""
+    judge, judge_positive = candidate_scores, positive_scores
+    if cfg.filter_by.value == "teacher":
+        judge = teacher_scores_of(teacher, cfg, pairs.queries, np.arange(len(pairs.queries)), candidates, pool)
+        judge_positive = teacher_scores_of(teacher, cfg, pairs.queries, pairs.row_query, positive_ids[:, None], pool)[:, 0]
+    generator = np.random.default_rng(cfg.seed)
+    chosen, chosen_scores, dropped = [], [], 0
+    for r0 in range(0, len(positive_ids), ROW_BLOCK):
+        rows_query = pairs.row_query[r0 : r0 + ROW_BLOCK]
+        c, _, d = choose(candidates[rows_query], judge[rows_query], judge_positive[r0 : r0 + ROW_BLOCK],
+                         cfg.num_negatives, cfg.max_score_ratio, cfg.margin, cfg.sampling.value, generator)
+        chosen.append(c)
+        chosen_scores.append(cosines(rows_query, c))
+        dropped += d
+    chosen, chosen_scores = np.concatenate(chosen), np.concatenate(chosen_scores)
+    teacher_scores = None
+    if teacher is not None:  # the distillation targets: [positive] + the chosen negatives of every kept row
+        group = np.where(chosen[:, :1] >= 0, np.concatenate([positive_ids[:, None], chosen], axis=1), -1)
+        teacher_scores = teacher_scores_of(teacher, cfg, pairs.queries, pairs.row_query, group, pool)
+    return chosen, chosen_scores, dropped, teacher_scores
 
 
 def teacher_scores_of(teacher, cfg, query_texts: list[str], row_query: np.ndarray, ids: np.ndarray, pool: list[str]) -> np.ndarray:
