@@ -71,7 +71,7 @@ def main() -> None:
     base = statistics.median(times["infonce"])
     print(f"{args.shape} BERT, B {args.batch} (1 hard negative each), chunk {args.chunk}, {device}, "
           f"{args.steps} interleaved steps each (median)")
-    print(f"| loss | s / step | pairs/s | x InfoNCE |\n|---|---|---|---|")
+    print("| loss | s / step | pairs/s | x InfoNCE |\n|---|---|---|---|")
     for name in VARIANTS:
         seconds = statistics.median(times[name])
         print(f"| {name} | {seconds:.2f} | {args.batch / seconds:.1f} | {seconds / base:.3f} |")

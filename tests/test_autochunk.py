@@ -19,10 +19,10 @@ import sys
 import pytest
 import torch
 
-from tests.test_gradcache import BATCH, NEGATIVES, batches, grads_of
+from tests.test_gradcache import batches, grads_of
 from tests.tiny import REPO, WORDS, rounding_atol, run_trainer, run_torchrun, tiny_encoder, write_jsonl, write_tiny_model
 from trainer.autochunk import AdaptiveStep, largest_fitting, parse_size, split_on_oom
-from trainer.gradcache import GradCache, StepOutOfMemory
+from trainer.gradcache import GradCache
 from trainer.losses import ContrastiveLoss
 
 LIMITED_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1",

@@ -12,7 +12,7 @@ import torch
 
 from tests.reference import reference_loss
 from tests.test_gradcache import BATCH, CHUNK, NEGATIVES, assert_same_grads, batches, grads_of, in_chunks
-from tests.tiny import rounding_atol, run_trainer, synthetic_pairs, tiny_encoder, token_batch, write_jsonl, write_tiny_model
+from tests.tiny import rounding_atol, run_trainer, synthetic_pairs, tiny_encoder, write_jsonl, write_tiny_model
 from trainer.gradcache import GradCache
 from trainer.losses import PRESETS, ContrastiveLoss
 

@@ -3,7 +3,6 @@ to a direct call of the model on each pair, 2 ranks equal to 1, the teacher filt
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np

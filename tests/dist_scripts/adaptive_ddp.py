@@ -1,7 +1,7 @@
 """Under torchrun (2 ranks, gloo): rank 1 alone runs out of memory, first in pass 1 of a step,
 then (at the halved budget) in pass 2 (DDP without buffer broadcasts, as the trainer builds it). Both ranks must agree to halve and run the step again,
-and end with the gradients DDP gives at the final budget from the start. Each rank prints one
-"RESULT {json}" line."""
+and end with the gradients DDP gives at the final budget from the start. Rank 0 prints one
+"RESULT {json}" line per rank."""
 
 import json
 
@@ -50,10 +50,15 @@ reference = tiny_encoder(dropout=0.1, seed=0)
 torch.manual_seed(100 + r)
 expected = GradCache(DDP(reference, broadcast_buffers=False), ContrastiveLoss(), chunk_tokens=step.budget)(queries, docs)
 ours, theirs = grads(model.inner), grads(reference)
-print("RESULT " + json.dumps({
+result = {
     "rank": r,
     "changes": step.changes,
     "loss_diff": abs(float(out.loss) - float(expected.loss)),
     "grad_diff": max(float((ours[n] - theirs[n]).abs().max()) for n in theirs),
-}), flush=True)
+}
+# Rank 0 prints every rank's line: two processes writing to one pipe could interleave them.
+results = distributed.gather_objects(result)
+if r == 0:
+    for line in results:
+        print("RESULT " + json.dumps(line), flush=True)
 distributed.teardown()
