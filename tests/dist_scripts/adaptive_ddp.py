@@ -3,6 +3,7 @@ then (at the halved budget) in pass 2 (DDP without buffer broadcasts, as the tra
 and end with the gradients DDP gives at the final budget from the start. Rank 0 prints one
 "RESULT {json}" line per rank."""
 
+import gc
 import json
 
 import torch
@@ -61,4 +62,8 @@ results = distributed.gather_objects(result)
 if r == 0:
     for line in results:
         print("RESULT " + json.dumps(line), flush=True)
+# The DDP wrappers go before their process group does: one destroyed after it, at interpreter
+# exit, can abort the process ("terminate called without an active exception").
+del step, expected, out
+gc.collect()
 distributed.teardown()
