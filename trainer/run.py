@@ -25,13 +25,20 @@ from trainer.data import (
     Columns, DataError, GlobalBatches, TokenSettings, TrainingData, parse_sources, prepare, require_scores,
     resolve_num_negatives, source_weights,
 )
+from trainer.config import resolve_eval_data
 from trainer.deepspeed_config import build_config, resolve_backend
 from trainer.early_stopping import EarlyStopping
 from trainer.evaluate import BeirSet, evaluate, load_beir
 from trainer.gradcache import GradCache
 from trainer.losses import ContrastiveLoss
 from trainer.metrics import RunLogger
-from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, prompt_prefixes, resolve_device, text_embedder
+from trainer.model import (
+    AUTOCAST_DTYPES, Encoder, base_max_length, load_tokenizer, prompt_prefixes, resolve_device, text_embedder,
+)
+from trainer.model_card import write_model_card
+from trainer.plot import BackgroundPlot
+from trainer.run_card import card_facts
+from trainer.run_files import BEST_FILE
 
 BEST_MODEL = "best-model"  # with early stopping: the best evaluation's model so far
 
@@ -73,7 +80,10 @@ class Run:
     """The step: a GradCache, or an autochunk.AdaptiveStep around one (chunk sizes 'auto')."""
     eval_batch_size: int
     early_stopping: EarlyStopping | None
+    export_max_length: int
+    backend_description: str
     logger: RunLogger | None = None
+    curves: BackgroundPlot | None = None
     state: checkpoint.TrainerState = field(default_factory=lambda: checkpoint.TrainerState(step=0))
 
     @property
@@ -101,11 +111,13 @@ class Run:
             tqdm.write(f"eval @ step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         stopping = self.early_stopping
         if stopping is not None and stopping.update(step, result):
-            self.export(self.run_dir / BEST_MODEL)
+            self.export(self.run_dir / BEST_MODEL, step)
             if self.env.is_main:
                 best = {"step": step, "metric": stopping.metric, "value": result[stopping.metric]}
-                (self.run_dir / "best.json").write_text(json.dumps(best) + "\n")
+                (self.run_dir / BEST_FILE).write_text(json.dumps(best) + "\n")
                 self.logger.summary({"best_step": step, f"best/{stopping.metric}": best["value"]})
+        if self.curves is not None:
+            self.curves.refresh()
         distributed.barrier()
         return result
 
@@ -115,14 +127,16 @@ class Run:
         state.early_stopping = self.early_stopping.state_dict() if self.early_stopping is not None else None
         checkpoint.save(self.run_dir, state, self.backend.save_state, keep=self.cfg.checkpoint.keep)
 
-    def export(self, folder: Path) -> None:
-        """The whole model into folder, written beside it and renamed: a crash leaves the old one."""
+    def export(self, folder: Path, step: int) -> None:
+        """The model of this step, whole, with its card, into folder: written beside it and
+        renamed, so a crash leaves the old one."""
         cfg, is_main = self.cfg, self.env.is_main
         tmp = folder.with_name(folder.name + ".tmp")
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.backend.export(tmp, self.tokenizer, max_seq_length=cfg.model.doc_max_length)
+        self.backend.export(tmp, self.tokenizer, max_seq_length=self.export_max_length)
         if is_main:
+            write_model_card(tmp, card_facts(self, step))
             st_config = tmp / "config_sentence_transformers.json"
             config = json.loads(st_config.read_text())
             if self.query_prefix or self.doc_prefix:
@@ -139,6 +153,7 @@ class Run:
 
     def open_logger(self, resumed: bool, wandb_group: str | None) -> None:
         cfg = self.cfg
+        self.curves = BackgroundPlot(self.run_dir, enabled=self.env.is_main and cfg.trainer.curves)
         self.logger = RunLogger(
             self.run_dir,
             enabled=self.env.is_main,
@@ -198,7 +213,16 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if recover:
         step = autochunk.AdaptiveStep(step, device, say=lambda text: tqdm.write(text) if env.is_main else None)
     return Run(cfg, env, Path(run_dir), device, autocast_dtype, tokenizer, query_prefix, doc_prefix, inputs, encoder,
-               backend, loss_fn, step, eval_batch_size, early_stopping)
+               backend, loss_fn, step, eval_batch_size, early_stopping, export_length(cfg.model, tokenizer), _describe(backend_name, backend_kwargs))
+
+
+def export_length(model_cfg, tokenizer) -> int:
+    """The exported model's max_seq_length: model.export_max_length, else the longer of the base
+    model's own and the lengths trained at (training on short texts does not unlearn long ones)."""
+    if model_cfg.export_max_length:
+        return model_cfg.export_max_length
+    base = base_max_length(model_cfg.name_or_path, tokenizer) or 0
+    return max(model_cfg.query_max_length, model_cfg.doc_max_length, base)
 
 
 def _inputs(cfg, env, tokenizer, settings: TokenSettings) -> Inputs:
@@ -206,7 +230,11 @@ def _inputs(cfg, env, tokenizer, settings: TokenSettings) -> Inputs:
                       cfg.data.scores_column)
     train_spec = cfg.data.train
     sources = parse_sources(OmegaConf.to_container(train_spec) if OmegaConf.is_config(train_spec) else train_spec)
-    eval_set = load_beir(cfg.eval.data) if cfg.eval.data else None
+    eval_data = resolve_eval_data(cfg)
+    if eval_data is None and cfg.eval.data == "auto":
+        say("eval.data=auto: no evaluation (the demo's dev set goes only with the demo's data.train); "
+            "set eval.data=BEIR_DIR to evaluate")
+    eval_set = load_beir(eval_data) if eval_data else None
     data = prepare(sources, columns, tokenizer, settings, cfg.data.cache_dir)
     num_negatives = resolve_num_negatives(data, sources, cfg.data.num_negatives, cfg.data.missing_negatives.value)
     if cfg.loss.distill:
@@ -297,7 +325,7 @@ def _early_stopping(cfg) -> EarlyStopping | None:
     settings = cfg.trainer.early_stopping
     if settings.patience is None:
         return None
-    if not cfg.eval.data or not cfg.eval.every:
+    if not resolve_eval_data(cfg) or not cfg.eval.every:
         raise ValueError("trainer.early_stopping needs an evaluation curve: set eval.data and eval.every (steps between evaluations)")
     return EarlyStopping(metric=settings.metric, patience=settings.patience, min_delta=settings.min_delta)
 

@@ -187,7 +187,8 @@ def score_candidates(
     candidates = candidates.to(device)
     out = torch.zeros(candidates.shape, dtype=torch.float32, device=device)
     rows = max(1, chunk_elements // max(1, candidates.shape[1] * docs.shape[1]))
-    for r0 in range(0, len(candidates), rows):
+    # A rank that holds no document (fewer embedding batches than ranks) adds zeros to the sum.
+    for r0 in range(0, len(candidates) if len(docs) else 0, rows):
         block = candidates[r0 : r0 + rows]
         local = position[block.clamp(min=0)]
         held = (block >= 0) & (local >= 0)

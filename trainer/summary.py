@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
+from trainer.run_files import EVAL_FILE, METRICS_FILE, overrides_dict, read_records
 
 METRICS = ("ndcg@10", "recall@10", "mrr@10")
 
@@ -24,18 +23,14 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[dict]]:
     """(the keys whose values differ across points, one row per finished point)."""
     points = []
     for run_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        eval_file = run_dir / "eval.jsonl"
-        if not overrides_file.exists():
+        if not (run_dir / ".hydra" / "overrides.yaml").exists():
             continue
-        overrides = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [] if "=" in o)
-        evals = [json.loads(line) for line in eval_file.read_text().splitlines()] if eval_file.exists() else []
-        metrics_file = run_dir / "metrics.jsonl"
-        last = metrics_file.read_text().splitlines()[-1] if metrics_file.exists() and metrics_file.stat().st_size else None
-        row = {"run": run_dir.name, **overrides}
+        evals = read_records(run_dir / EVAL_FILE)
+        records = read_records(run_dir / METRICS_FILE)
+        row = {"run": run_dir.name, **overrides_dict(run_dir)}
         row.update({m: evals[-1].get(m) if evals else None for m in METRICS})
         row["step"] = evals[-1]["step"] if evals else None
-        row["final_loss"] = json.loads(last)["loss"] if last else None
+        row["final_loss"] = records[-1]["loss"] if records else None
         points.append(row)
     keys = sorted({k for p in points for k in p} - {"run", "step", "final_loss", *METRICS})
     swept = [k for k in keys if len({p.get(k) for p in points}) > 1]

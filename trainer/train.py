@@ -6,7 +6,6 @@ requests), and finish (the final sentence-transformers model, its evaluation, th
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from trainer.losses import PRESETS, ContrastiveLoss
 from trainer.metrics import alignment, embedding_std, uniformity
 from trainer.preemption import StopRequest
 from trainer.run import BEST_MODEL, Run, build_run, say
+from trainer.run_files import EVAL_FILE, read_records
 
 
 def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict | None:
@@ -92,6 +92,7 @@ def _loop(run: Run) -> str:
                 progress.close()
                 reason = "on a stop signal" if signalled else "as asked (trainer.stop_after_step)"
                 say(f"stopped after step {step} {reason}, checkpoint written; run the same command to resume")
+                run.curves.refresh()  # not waited for: the job may have seconds left
                 run.logger.finish()
                 stop_request.hand_over()  # e.g. submitit requeues the job here
                 return _STOPPED
@@ -180,8 +181,8 @@ def _finish(run: Run, plateau: bool) -> dict | None:
     """The model (whole, whatever the sharding), the last evaluation, the summary."""
     final, stopping, state = run.run_dir / "model", run.early_stopping, run.state
     if stopping is None:
-        run.export(final)
-        result = run.evaluate(run.total_steps)
+        result = run.evaluate(run.total_steps)  # first: the model's card states this evaluation
+        run.export(final, run.total_steps)
     else:
         # The best evaluation's model, which the last evaluation may yet replace.
         result = None if plateau else run.evaluate(run.total_steps)
@@ -196,13 +197,12 @@ def _finish(run: Run, plateau: bool) -> dict | None:
         )
     distributed.barrier()
     if run.env.is_main and run.inputs.eval_set is not None:
-        evals = [json.loads(line) for line in (run.run_dir / "eval.jsonl").read_text().splitlines()]
-        first = next((e for e in evals if e["step"] == 0), None)
-        before = f"{first['ndcg@10']:.4f}" if first else "n/a"
-        kept_step = stopping.best_step if stopping is not None else run.total_steps
-        kept = next(e for e in reversed(evals) if e["step"] == kept_step)
+        evals = {e["step"]: e for e in read_records(run.run_dir / EVAL_FILE)}
+        before = f"{evals[0]['ndcg@10']:.4f}" if 0 in evals else "n/a"
+        kept = evals[stopping.best_step if stopping is not None else run.total_steps]
         print(f"NDCG@10 before {before} -> after {kept['ndcg@10']:.4f}; model saved to {final}", flush=True)
         result = result or kept
+    run.curves.finish()
     run.logger.finish()
     return result
 
