@@ -11,6 +11,7 @@ apply it. Under torchrun every rank embeds its share; rank 0 fits and writes (co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from trainer.calibration import brier_score, cross_validated, expected_calibration_error, fit_calibration, uncalibrated
@@ -98,6 +99,8 @@ def _run(cfg) -> None:
     picture = draw_calibration(folder / PICTURE_FILE, held.scores, held.labels, held_probs, calibration, cfg.bins,
                                title=f"{_short(cfg.model)} on {_short(cfg.data)}: {method}, checked by {checked_on}")
     carded = replace_calibration_section(folder, calibration.to_dict())
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(figures, indent=2) + "\n")
     print(f"ECE {figures['ece_before']:.4f} -> {figures['ece_after']:.4f}, Brier {figures['brier_before']:.4f} -> "
           f"{figures['brier_after']:.4f} ({method}; before = the cosine clipped to [0, 1]; checked on {checked_on})", flush=True)
     print(f"wrote {path} and {picture}" + ("; the model card says how to apply it" if carded else ""), flush=True)
