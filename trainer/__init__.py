@@ -1,5 +1,5 @@
 """Contrastive training of text-embedding bi-encoders.
 
-The library part (``losses``, ``distributed``, ``gradcache``, ``model``) is usable from your own
-training loop; the Hydra harness sits on top of it.
+The library part (``losses``, ``distributed``, ``gradcache``, ``model``, ``calibration``) is usable
+from your own training loop; the Hydra harness sits on top of it.
 """

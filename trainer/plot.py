@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.run_files import EVAL_FILE, METRICS_FILE, kept_step, overrides_dict, read_overrides, read_records
+from trainer.run_files import BEST_FILE, EVAL_FILE, METRICS_FILE, kept_step, overrides_dict, read_overrides, read_records
 
 CURVES_FILE = "curves.png"
 # (record key, axis label): the training records' panels, then the evaluations'.
@@ -183,17 +183,20 @@ class BackgroundPlot:
     def __init__(self, run_dir: Path, enabled: bool) -> None:
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.child: subprocess.Popen | None = None
+        self.drawn: tuple | None = None  # the records' state the last child drew
 
     def refresh(self) -> None:
-        if not self.enabled or self._busy():
+        if not self.enabled or self._busy() or self._records() == self.drawn:
             return
+        self.drawn = self._records()
         self.child = subprocess.Popen(
             [sys.executable, "-m", "trainer.plot", str(self.run_dir), "--quiet"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
 
     def finish(self, timeout_s: float = 120.0) -> None:
-        """Wait for the child drawing, then draw the final records; a failure is reported, never raised."""
+        """Wait for the child drawing, then draw the final records unless it drew them already; a
+        failure is reported, never raised."""
         if not self.enabled:
             return
         try:
@@ -202,6 +205,11 @@ class BackgroundPlot:
             self._wait(timeout_s)
         except subprocess.TimeoutExpired:
             print(f"{self.run_dir / CURVES_FILE}: drawing took over {timeout_s:.0f} s; left unfinished", flush=True)
+
+    def _records(self) -> tuple:
+        """What the picture is drawn from, as (size, modification time) of each file."""
+        stats = [(self.run_dir / name) for name in (METRICS_FILE, EVAL_FILE, BEST_FILE)]
+        return tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None for p in stats)
 
     def _busy(self) -> bool:
         if self.child is None:
