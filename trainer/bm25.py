@@ -1,0 +1,176 @@
+"""BM25 over a candidate pool shared out over ranks: exact, and fast (bm25s).
+
+- Each rank tokenises and indexes only its share of the pool. BM25's statistics of the corpus
+  (the number of texts, their mean length, each term's document frequency) are summed over the
+  ranks first, so every text scores as in one index over the whole pool, bit for bit.
+- Retrieval runs on bm25s's numba backend with threads (bench/bm25_speed.py: over 100x its numpy
+  backend's queries/s) or its numpy backend; both add a text's term scores in the query's token
+  order, so their scores are identical too.
+- Lists rank by score, then by the lower pool id: one order whatever the backend or the number
+  of ranks, where bm25s's own order among equal scores is arbitrary. Each rank fetches SLACK more
+  than k; a query whose last fetched score still equals its k-th is ranked again from its full
+  score vector, so ties at the cut are settled exactly too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer import distributed
+from trainer.search import merge_ranks
+
+SLACK = 16  # extra candidates fetched per shard, so that ties at the cut rarely need a second look
+NUMBA_FROM_QUERIES = 2000  # auto: numba's compilation (~5 s) pays for itself from about this many queries
+
+
+def tokenize(texts: Sequence[str]) -> list[list[str]]:
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """BM25's corpus statistics of the whole pool."""
+
+    n_docs: int
+    mean_length: np.float64
+    doc_freqs: dict[str, int]
+
+
+def pool_stats(shard_tokens: list[list[str]]) -> PoolStats:
+    """The pool's statistics from every rank's share (a collective)."""
+    local = (len(shard_tokens), sum(len(doc) for doc in shard_tokens), Counter(t for doc in shard_tokens for t in set(doc)))
+    parts = distributed.all_gather_object(local) if distributed.world_size() > 1 else [local]
+    n_docs, total = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    freqs: Counter = Counter()
+    for part in parts:
+        freqs.update(part[2])
+    # An exact integer sum divided once: the value bm25s gets from np.mean over the whole pool, and
+    # its type, np.float64, which makes numpy compute the term weights in float64 as bm25s does.
+    return PoolStats(n_docs, np.float64(total / max(n_docs, 1)), dict(freqs))
+
+
+def _shard_bm25_class():
+    import bm25s
+    from bm25s.scoring import _build_idf_array, _build_scores_and_indices_for_matrix, _select_idf_scorer
+
+    class ShardBM25(bm25s.BM25):
+        """bm25s's BM25 over one shard, its scores computed with the whole pool's statistics."""
+
+        def __init__(self, stats: PoolStats, **kwargs) -> None:
+            super().__init__(**kwargs)
+            if self.method in self.methods_requiring_nonoccurrence:
+                raise ValueError(f"BM25 method {self.method} is not supported over a sharded pool")
+            self.stats = stats
+
+        def index_shard(self, tokens: list[list[str]]) -> None:
+            vocab = {term: i for i, term in enumerate(sorted({t for doc in tokens for t in doc}))}
+            self.pool_freqs = {i: self.stats.doc_freqs[term] for term, i in vocab.items()}
+            ids = [[vocab[t] for t in doc] for doc in tokens]
+            self.shard_freqs = dict(Counter(i for doc in ids for i in set(doc)))  # sizes bm25s's arrays
+            self.index((ids, vocab), show_progress=False)
+
+        def build_index_from_ids(self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False):
+            # bm25s's own steps (the extension point its docstring offers), with the pool's N,
+            # mean length and document frequencies in place of the shard's.
+            self.nonoccurrence_array = None  # the Lucene and Robertson variants have none
+            idf = _build_idf_array(doc_frequencies=self.pool_freqs, n_docs=self.stats.n_docs,
+                                   compute_idf_fn=_select_idf_scorer(self.idf_method), dtype=self.dtype)
+            scores, docs, terms = _build_scores_and_indices_for_matrix(
+                corpus_token_ids=corpus_token_ids, idf_array=idf, avg_doc_len=self.stats.mean_length,
+                doc_frequencies=self.shard_freqs, k1=self.k1, b=self.b, delta=self.delta, show_progress=False,
+                leave_progress=False, dtype=self.dtype, int_dtype=self.int_dtype, method=self.method,
+                nonoccurrence_array=None,
+            )
+            data, indices, indptr = self._np_csc(data=scores, rows=docs, cols=terms,
+                                                 shape=(len(corpus_token_ids), len(unique_token_ids)))
+            return {"data": data.astype(self.dtype), "indices": indices, "indptr": indptr, "num_docs": len(corpus_token_ids)}
+
+    return ShardBM25
+
+
+def choose_backend(name: str, queries: int) -> str:
+    """numpy or numba: auto takes numba when it is installed and there are enough queries."""
+    available = importlib.util.find_spec("numba") is not None
+    if name == "numba" and not available:
+        raise ValueError("bm25_backend=numba needs numba: pip install numba")
+    if name == "auto":
+        return "numba" if available and queries >= NUMBA_FROM_QUERIES else "numpy"
+    return name
+
+
+class ShardIndex:
+    """This rank's share of the pool (texts shard_ids of it), indexed with the pool's statistics."""
+
+    def __init__(self, shard_texts: Sequence[str], shard_ids: np.ndarray, backend: str = "numpy", threads: int = 1,
+                 stats: PoolStats | None = None) -> None:
+        tokens = tokenize(shard_texts)
+        stats = stats or pool_stats(tokens)  # a collective: every rank builds its index at once
+        self.ids = np.asarray(shard_ids, dtype=np.int64)
+        self.threads = threads
+        self.retriever = None
+        if len(tokens):
+            self.retriever = _shard_bm25_class()(stats, backend=backend)
+            self.retriever.index_shard(tokens)
+
+    def search(self, query_tokens: list[list[str]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32, pool ids) each (queries, k), best first by (score, lower id); score 0
+        (no shared term) and missing entries are (-inf, -1)."""
+        scores = np.full((len(query_tokens), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(query_tokens), k), -1, dtype=np.int64)
+        if self.retriever is None:
+            return scores, ids
+        vocab = self.retriever.vocab_dict
+        known = np.array([i for i, q in enumerate(query_tokens) if any(t in vocab for t in q)], dtype=np.int64)
+        if len(known) == 0:
+            return scores, ids
+        fetch = min(k + SLACK, len(self.ids))
+        local, found = self.retriever.retrieve([query_tokens[i] for i in known], k=fetch, n_threads=self.threads,
+                                               show_progress=False)
+        local, found = np.asarray(local, dtype=np.int64), np.asarray(found, dtype=np.float32)
+        top_scores, top_ids = _canonical(found, self.ids[local], k)
+        if fetch < len(self.ids):  # rows whose ties may reach past what was fetched: ranked in full
+            unsure = np.flatnonzero((found.min(axis=1) == top_scores[:, -1]) & (top_scores[:, -1] > 0))
+            for row in unsure:
+                full = self.retriever.get_scores(query_tokens[known[row]]).astype(np.float32)
+                top_scores[row], top_ids[row] = (x[0] for x in _canonical(full[None], self.ids[None], k))
+        positive = top_scores > 0
+        scores[known] = np.where(positive, top_scores, -np.inf)
+        ids[known] = np.where(positive, top_ids, -1)
+        return scores, ids
+
+
+def _canonical(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best by score, ties to the lower id (rows of candidates with their ids)."""
+    ids = np.broadcast_to(ids, scores.shape)
+    order = np.lexsort((ids, -scores), axis=-1)[:, :k]
+    top_scores, top_ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    if top_scores.shape[1] < k:
+        pad = ((0, 0), (0, k - top_scores.shape[1]))
+        top_scores, top_ids = np.pad(top_scores, pad, constant_values=-np.inf), np.pad(top_ids, pad, constant_values=-1)
+    return top_scores, top_ids
+
+
+def bm25_lists(queries: Sequence[str], pool: Sequence[str], k: int, backend: str = "auto",
+               query_block: int = 8192) -> np.ndarray:
+    """(queries, k) pool ids by BM25, best first (-1 where no more text shares a term with the
+    query). Every rank indexes a contiguous share of the pool and searches it for every query, a
+    block of queries at a time; the shares' lists are merged exactly (a collective)."""
+    world, rank = distributed.world_size(), distributed.rank()
+    bounds = np.linspace(0, len(pool), world + 1).astype(np.int64)
+    shard_ids = np.arange(bounds[rank], bounds[rank + 1])
+    index = ShardIndex([pool[i] for i in shard_ids], shard_ids, choose_backend(backend, len(queries)),
+                       threads=max(1, torch.get_num_threads()))
+    out = []
+    for q0 in range(0, len(queries), query_block):
+        scores, ids = index.search(tokenize(queries[q0 : q0 + query_block]), k)
+        _, merged = merge_ranks(torch.from_numpy(scores), torch.from_numpy(ids))
+        out.append(merged.numpy())
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
