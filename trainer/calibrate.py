@@ -78,15 +78,15 @@ def _run(cfg) -> None:
     embedders = tool_embedders(cfg)
     fit_pairs = _pairs(cfg, embedders, fit_set, cfg.split)
     method = cfg.method.value
+    calibration = fit_calibration(fit_pairs.scores, fit_pairs.labels, method)
     if check_set is not None:
         held = _pairs(cfg, embedders, check_set, cfg.check_split)
-        held_probs = fit_calibration(fit_pairs.scores, fit_pairs.labels, method).apply(held.scores)
+        held_probs = calibration.apply(held.scores)
         checked_on = f"split {cfg.check_split} ({len(held.labels)} pairs)"
     else:
         held = fit_pairs
         held_probs = cross_validated(fit_pairs.scores, fit_pairs.labels, fit_pairs.queries, method, cfg.folds)
         checked_on = f"{cfg.folds}-fold cross-validation over the queries"
-    calibration = fit_calibration(fit_pairs.scores, fit_pairs.labels, method)
     figures = _figures(uncalibrated(held.scores), held_probs, held.labels, cfg.bins)
     calibration.info = {
         "data": str(cfg.data), "split": cfg.split, "pairs": int(len(fit_pairs.labels)),

@@ -94,8 +94,17 @@ def _draw_panel(ax, run: RunCurves, key: str, color, is_eval: bool) -> None:
         ax.axvline(run.kept, color=color, linestyle=":", linewidth=1.2)
 
 
+def _save(fig, out: Path) -> Path:
+    """The figure as a PNG written beside out and renamed: a reader never sees a torn picture."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, out)
+    return out
+
+
 def draw_curves(runs: list[RunCurves], out: Path, title: str | None = None) -> Path:
-    """Six panels by step, runs overlaid; written beside out and renamed (never a torn picture)."""
+    """Six panels by step, runs overlaid, into out (_save)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -125,11 +134,7 @@ def draw_curves(runs: list[RunCurves], out: Path, title: str | None = None) -> P
     if handles:
         fig.legend(handles, names, loc="outside lower center", ncols=min(3, len(handles)), fontsize=9)
     fig.suptitle(title or (runs[0].label if len(runs) == 1 else f"{len(runs)} runs"), fontsize=12)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, out)
-    return out
+    return _save(fig, out)
 
 
 def draw_calibration(out: Path, scores, labels, calibrated, calibration, bins: int = 10, title: str = "") -> Path:
@@ -168,11 +173,7 @@ def draw_calibration(out: Path, scores, labels, calibrated, calibration, bins: i
     spread.legend(handles, names, loc="upper left", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, out)
-    return out
+    return _save(fig, out)
 
 
 class BackgroundPlot:

@@ -186,10 +186,11 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     query_prefix, doc_prefix = prompt_prefixes(cfg.model)
     inputs = _inputs(cfg, env, tokenizer, TokenSettings(cfg.model.query_max_length, cfg.model.doc_max_length, query_prefix, doc_prefix))
     backend_name, backend_kwargs = _backend_settings(cfg, env.world_size)
+    backend_description = _describe(backend_name, backend_kwargs)
     say(
         f"{len(inputs.data)} training pairs in {_describe_sources(inputs)} with {inputs.num_negatives} hard "
         f"negatives; global batch {cfg.data.batch_size} over {env.world_size} rank(s); {inputs.total_steps} steps; "
-        f"backend {_describe(backend_name, backend_kwargs)}; run dir {run_dir}"
+        f"backend {backend_description}; run dir {run_dir}"
     )
 
     torch.manual_seed(cfg.trainer.seed)
@@ -213,7 +214,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     if recover:
         step = autochunk.AdaptiveStep(step, device, say=lambda text: tqdm.write(text) if env.is_main else None)
     return Run(cfg, env, Path(run_dir), device, autocast_dtype, tokenizer, query_prefix, doc_prefix, inputs, encoder,
-               backend, loss_fn, step, eval_batch_size, early_stopping, export_length(cfg.model, tokenizer), _describe(backend_name, backend_kwargs))
+               backend, loss_fn, step, eval_batch_size, early_stopping,
+               export_length(cfg.model, tokenizer), backend_description)
 
 
 def export_length(model_cfg, tokenizer) -> int:
