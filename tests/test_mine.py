@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from tests.tiny import REPO, WORDS, run_python_module, subprocess_env, synthetic_pairs, write_jsonl, write_tiny_model
 from trainer import config
-from trainer.mine import choose, drop_excluded, fuse, mine
+from trainer.mine import mine
+from trainer.negatives import choose, draw_keys, drop_excluded, fuse
 from trainer.model import Encoder, load_tokenizer, text_embedder
 
 
@@ -26,7 +27,7 @@ def test_filter_drops_exactly_the_candidates_above_the_threshold():
     scores = rng.uniform(-0.2, 0.9, (rows, width))
     positive = rng.uniform(0.2, 0.9, rows)
     for ratio, margin in ((0.95, None), (None, 0.1), (0.9, 0.05)):
-        chosen, chosen_scores, dropped = choose(candidates, scores, positive, n, ratio, margin, "top", rng)
+        chosen, chosen_scores, dropped = choose(candidates, scores, positive, n, ratio, margin, "top")
         expected_dropped = 0
         for i in range(rows):
             survivors = []
@@ -46,10 +47,10 @@ def test_filter_drops_exactly_the_candidates_above_the_threshold():
 
 
 def test_random_sampling_picks_survivors_in_rank_order():
-    rng = np.random.default_rng(1)
     candidates = np.tile(np.arange(10), (50, 1))
     scores = np.tile(np.linspace(0.9, 0.0, 10), (50, 1))  # the first two are above 0.95 x 0.8
-    chosen, _, dropped = choose(candidates, scores, np.full(50, 0.8), 4, 0.95, None, "random", rng)
+    keys = draw_keys(1, np.arange(50), candidates)
+    chosen, _, dropped = choose(candidates, scores, np.full(50, 0.8), 4, 0.95, None, "random", keys)
     assert dropped == 100 and (chosen >= 2).all()
     assert all(list(row) == sorted(row) and len(set(row)) == 4 for row in chosen)
     assert len({tuple(row) for row in chosen}) > 10  # really random, not the top 4
@@ -58,7 +59,7 @@ def test_random_sampling_picks_survivors_in_rank_order():
 def test_exclusions_keep_order_and_fusion_is_reciprocal_rank():
     lists = np.array([[5, 1, 7, 2, -1], [3, 4, 5, 6, 0]])
     excluded = np.array([0 * 10 + 1, 1 * 10 + 5])  # query 0 excludes text 1, query 1 excludes text 5
-    assert drop_excluded(lists, excluded, 10, 4).tolist() == [[5, 7, 2, -1], [3, 4, 6, 0]]
+    assert drop_excluded(lists, np.array([0, 1]), excluded, 10, 4).tolist() == [[5, 7, 2, -1], [3, 4, 6, 0]]
     dense, bm25 = np.array([[9, 2, 4]]), np.array([[2, 7, -1]])  # rank, not id, must order 9, 7, 4
     fused = fuse([dense, bm25], rrf_k=60, keep=4, pool_size=10)
     score = {}
@@ -165,7 +166,7 @@ def test_two_ranks_mine_what_one_rank_mines(assets, tmp_path):
     outputs = {}
     for nproc in (1, 2):
         output = tmp_path / f"mined-{nproc}.parquet"
-        proc = run_mine(assets, output, nproc, "sampling=random", f"embeddings_cache={tmp_path / f'cache-{nproc}'}")
+        proc = run_mine(assets, output, nproc, "sampling=random", "block_rows=16", f"embeddings_cache={tmp_path / f'cache-{nproc}'}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "dropped by the filter" in proc.stdout
         outputs[nproc] = pq.read_table(output).to_pylist()
@@ -217,3 +218,85 @@ def test_mined_output_trains(assets, tmp_path):
     run_trainer(run_dir, f"model.name_or_path={assets['model']}", f"data.train={output}", "eval.data=null",
                 "data.batch_size=8", "trainer.max_steps=2", "data.num_negatives=3", "wandb.mode=disabled")
     assert (run_dir / "model" / "modules.json").exists()
+
+
+# -- streaming, resuming, the pool on disk ---------------------------------------------------
+
+
+@pytest.mark.parametrize("retriever", ["bm25", "dense", "hybrid"])
+def test_block_streamed_mining_equals_whole_input_mining(assets, tmp_path, retriever):
+    """Blocks of 7 rows (a query's rows split over blocks, 6 blocks) against the whole input as one
+    block. Scores may differ in the last bits (a query is embedded in another batch, with other
+    padding: fp32 rounding of ~1e-7), hence 1e-6; the negatives must not differ at all."""
+    outputs = {}
+    for block_rows in (7, 1000):
+        output = tmp_path / f"mined-{block_rows}.jsonl"
+        mine(compose_mine(*mine_args(assets, output, f"retriever={retriever}", f"block_rows={block_rows}",
+                                     "sampling=random", "max_score_ratio=null", "margin=-0.05")))
+        outputs[block_rows] = read_jsonl(output)
+        assert not (tmp_path / f"mined-{block_rows}.jsonl.parts").exists()  # removed once assembled
+    assert len(outputs[7]) > 30
+    assert [(r["query"], r["negatives"]) for r in outputs[7]] == [(r["query"], r["negatives"]) for r in outputs[1000]]
+    np.testing.assert_allclose([r["negative_scores"] for r in outputs[7]], [r["negative_scores"] for r in outputs[1000]],
+                               atol=1e-6)
+
+
+def test_killed_mining_resumes_and_writes_the_uninterrupted_output(assets, tmp_path):
+    """SIGKILL in block 2 of 6 (its part written, not yet counted): another command refuses the
+    leftover parts, the same command resumes at block 2 (one block redone, on 2 ranks this time)
+    and writes the uninterrupted run's bytes (gzip included: no timestamp in its header)."""
+    common = ("block_rows=7", "sampling=random", "max_score_ratio=null")
+    whole = tmp_path / "whole.jsonl.gz"
+    mine(compose_mine(*mine_args(assets, whole, *common)))
+    output = tmp_path / "mined.jsonl.gz"
+    env = subprocess_env(KILL_AT_BLOCK="2")
+    killed = subprocess.run([sys.executable, "-m", "tests.dist_scripts.killed_mine", *mine_args(assets, output, *common)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    parts = tmp_path / "mined.jsonl.gz.parts"
+    assert not output.exists() and (parts / "part-000002.jsonl").exists()
+    assert sorted(json.loads((parts / "manifest.json").read_text())["done"]) == ["0", "1"]
+
+    other = run_mine(assets, output, 1, *common, "num_negatives=2")
+    assert other.returncode == 2 and "other settings (settings differ)" in other.stderr
+    resumed = run_mine(assets, output, 2, *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "6 block(s) of 7 rows; resuming: 2 done" in resumed.stdout
+    assert output.read_bytes() == whole.read_bytes()
+    assert not parts.exists()
+
+
+def test_pool_files_equal_the_in_memory_pool(assets, tmp_path):
+    """mine_pool.build against the plain computation: the pool (positives then corpus, each text
+    once, first seen first), every row's query and positive id, and the excluded pairs."""
+    from trainer.data import Columns
+    from trainer.mine_pool import MiningInput, build
+
+    build(tmp_path, str(assets["input"]), Columns(), str(assets["corpus"]))
+    data = MiningInput.open(tmp_path)
+    rows = assets["rows"]
+    pool = list(dict.fromkeys([r["positive"] for r in rows] + [d["text"] for d in read_jsonl(assets["corpus"])]))
+    queries = list(dict.fromkeys(r["query"] for r in rows))
+    assert data.pool.take(np.arange(len(pool))) == pool and data.pool_size == len(pool) < len(rows) + 21
+    assert data.queries.take(np.arange(len(queries))) == queries
+    assert data.row_query.tolist() == [queries.index(r["query"]) for r in rows]
+    assert data.row_positive.tolist() == [pool.index(r["positive"]) for r in rows]
+    expected = {(queries.index(r["query"]), pool.index(r["positive"])) for r in rows}
+    expected |= {(q, pool.index(text)) for q, text in enumerate(queries) if text in pool}
+    assert sorted(expected) == [(k // len(pool), k % len(pool)) for k in data.excluded]
+    some = np.array([0, 3, 7])
+    assert data.excluded_of(some).tolist() == [k for k in data.excluded.tolist() if k // len(pool) in some]
+
+
+def test_text_store_reads_any_ids_across_batches(tmp_path):
+    from trainer.text_store import TextStore, write_texts
+
+    texts = [f"t{i} " + "é" * (i % 5) for i in range(25)]
+    assert write_texts(tmp_path / "t.arrow", [texts[:10], [], texts[10:17], texts[17:]]) == 25
+    store = TextStore(tmp_path / "t.arrow")
+    ids = np.array([24, 0, 9, 10, 16, 17, 3, 3])
+    assert len(store) == 25 and store.take(ids) == [texts[i] for i in ids] and store[16] == texts[16]
+    assert store.lengths().tolist() == [len(t) for t in texts]
+    assert [t for batch in store.batches() for t in batch] == texts
+    with pytest.raises(IndexError):
+        store.take([25])

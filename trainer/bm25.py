@@ -140,7 +140,8 @@ class ShardIndex:
             unsure = np.flatnonzero((found.min(axis=1) == top_scores[:, -1]) & (top_scores[:, -1] > 0))
             for row in unsure:
                 full = self.retriever.get_scores(query_tokens[known[row]]).astype(np.float32)
-                top_scores[row], top_ids[row] = (x[0] for x in _canonical(full[None], self.ids[None], k))
+                tied = np.flatnonzero(full >= top_scores[row, -1])  # every text that can make the top k
+                top_scores[row], top_ids[row] = (x[0] for x in _canonical(full[tied][None], self.ids[tied][None], k))
         positive = top_scores > 0
         scores[known] = np.where(positive, top_scores, -np.inf)
         ids[known] = np.where(positive, top_ids, -1)
@@ -158,19 +159,27 @@ def _canonical(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray,
     return top_scores, top_ids
 
 
-def bm25_lists(queries: Sequence[str], pool: Sequence[str], k: int, backend: str = "auto",
-               query_block: int = 8192) -> np.ndarray:
-    """(queries, k) pool ids by BM25, best first (-1 where no more text shares a term with the
-    query). Every rank indexes a contiguous share of the pool and searches it for every query, a
-    block of queries at a time; the shares' lists are merged exactly (a collective)."""
+def shard_index(pool: Sequence[str], backend: str = "auto", queries: int = 0) -> ShardIndex:
+    """This rank's index over a contiguous share of the pool (a list, or a TextStore: then only
+    the share is read), with the whole pool's statistics (a collective). queries: how many will be
+    searched, for backend=auto."""
     world, rank = distributed.world_size(), distributed.rank()
     bounds = np.linspace(0, len(pool), world + 1).astype(np.int64)
     shard_ids = np.arange(bounds[rank], bounds[rank + 1])
-    index = ShardIndex([pool[i] for i in shard_ids], shard_ids, choose_backend(backend, len(queries)),
-                       threads=max(1, torch.get_num_threads()))
-    out = []
-    for q0 in range(0, len(queries), query_block):
-        scores, ids = index.search(tokenize(queries[q0 : q0 + query_block]), k)
-        _, merged = merge_ranks(torch.from_numpy(scores), torch.from_numpy(ids))
-        out.append(merged.numpy())
+    texts = pool.take(shard_ids) if hasattr(pool, "take") else [pool[i] for i in shard_ids]
+    return ShardIndex(texts, shard_ids, choose_backend(backend, queries), threads=max(1, torch.get_num_threads()))
+
+
+def ranked_lists(index: ShardIndex, queries: Sequence[str], k: int) -> np.ndarray:
+    """(queries, k) pool ids by BM25, best first (-1 where no more text shares a term with the
+    query): every rank searches its shard, and the shards' lists are merged exactly (a collective)."""
+    scores, ids = index.search(tokenize(queries), k)
+    return merge_ranks(torch.from_numpy(scores), torch.from_numpy(ids))[1].numpy()
+
+
+def bm25_lists(queries: Sequence[str], pool: Sequence[str], k: int, backend: str = "auto",
+               query_block: int = 8192) -> np.ndarray:
+    """ranked_lists for every query, a block of queries at a time, over shard_index(pool)."""
+    index = shard_index(pool, backend, len(queries))
+    out = [ranked_lists(index, queries[q0 : q0 + query_block], k) for q0 in range(0, len(queries), query_block)]
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)

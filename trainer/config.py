@@ -541,7 +541,11 @@ class MineConfig(TeacherKeys):
     is embedded in two halves."""
     embeddings_cache: Optional[str] = None
     """A folder where the candidate documents' embeddings are kept and reused by later runs with the
-    same model, texts and settings; null = not kept."""
+    same model, texts and settings; null = kept in the output's parts folder until the run ends."""
+    block_rows: int = 16384
+    """Input rows mined at a time: each block's rows go to a part file (`<output>.parts/`) when done,
+    so a crashed run, run again, resumes at the first missing block. Memory holds one block's
+    candidates, whatever the input's size."""
     query_column: str = "query"
     """Column holding the query text."""
     positive_column: str = "positive"

@@ -256,3 +256,20 @@ def gather_objects(obj, timeout: datetime.timedelta | None = None) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def on_main(fn, timeout: datetime.timedelta | None = None):
+    """fn() run by rank 0 alone, its result on every rank; an error it raises is raised on every
+    rank (not left to hang the others in their next collective). timeout: how long the others
+    may wait (gather_objects)."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 (passed on to every rank, raised again below)
+            error = err
+    if world_size() > 1:
+        result, error = gather_objects((result, error), timeout)[0]
+    if error is not None:
+        raise error
+    return result

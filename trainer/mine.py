@@ -26,7 +26,9 @@ writes the output (a temporary file renamed when complete).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -36,136 +38,19 @@ import numpy as np
 import torch
 
 from trainer import distributed
-from trainer.bm25 import bm25_lists
-from trainer.data import Columns, DataError
-from trainer.data.output import check_output, write_rows
+from trainer.bm25 import ranked_lists, shard_index
+from trainer.data import Columns
+from trainer.data.output import check_output
 from trainer.data.records import FLAG_SCORES
-from trainer.data.sources import file_kind, raw_rows, text_batches
-from trainer.evaluate import corpus_text, read_jsonl
-from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, score_candidates, topk_search
+from trainer.data.sources import file_kind, raw_rows
+from trainer.mine_parts import Parts, file_fingerprint, parts_folder
+from trainer.mine_pool import MiningInput, build
+from trainer.negatives import choose, draw_keys, drop_excluded, fuse
+from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_by_length, score_candidates, topk_search
 
 QUERY_BLOCK = 8192  # queries searched (and lists gathered) at a time: bounds the gathered top-k lists
-ROW_BLOCK = 65536  # rows filtered at a time
-
-
-@dataclass
-class Pairs:
-    """The input's texts: distinct queries, and each row's query index and positive."""
-
-    queries: list[str]
-    row_query: np.ndarray  # (rows,) index into queries
-    positives: list[str]  # (rows,)
-
-
-def read_pairs(path: str, columns: Columns) -> Pairs:
-    """Every row's query and positive, validated as for training (file, line and field on error)."""
-    query_index: dict[str, int] = {}
-    row_query, positives = [], []
-    for table in text_batches(path, columns):
-        for query in table.column("query").to_pylist():
-            row_query.append(query_index.setdefault(query, len(query_index)))
-        positives.extend(table.column("positive").to_pylist())
-    if not positives:
-        raise DataError(f"{path}: no rows")
-    return Pairs(list(query_index), np.asarray(row_query, dtype=np.int64), positives)
-
-
-def read_corpus(spec) -> list[str]:
-    """Documents from a BEIR corpus.jsonl ({title, text}), a .jsonl of {text}, or a .txt file (one
-    per line); spec is a path or a list of paths."""
-    texts: list[str] = []
-    for path in [spec] if isinstance(spec, str) else list(spec or []):
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"{path}: no such file (corpus must be .jsonl, .jsonl.gz or .txt files)")
-        if p.suffix == ".txt":
-            texts.extend(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
-            continue
-        texts.extend(corpus_text(record) for record in read_jsonl(p, ("text",)))
-    return texts
-
-
-def candidate_pool(pairs: Pairs, corpus: list[str]) -> list[str]:
-    """The positives, then the corpus, each distinct text once, in first-seen order."""
-    return list(dict.fromkeys([*pairs.positives, *(t for t in corpus if t.strip())]))
-
-
-def excluded_keys(pairs: Pairs, pool_index: dict[str, int]) -> np.ndarray:
-    """Sorted keys query * pool_size + text of the (query, text) pairs never used as negatives:
-    each query's positives and the query text itself."""
-    size = len(pool_index)
-    keys = {int(q) * size + pool_index[p] for q, p in zip(pairs.row_query, pairs.positives)}
-    keys.update(q * size + pool_index[text] for q, text in enumerate(pairs.queries) if text in pool_index)
-    return np.fromiter(sorted(keys), dtype=np.int64, count=len(keys))
-
-
-def drop_excluded(lists: np.ndarray, excluded: np.ndarray, pool_size: int, keep: int) -> np.ndarray:
-    """Each row (query) of ranked pool ids (-1 = none) without its excluded texts, order kept,
-    cut to `keep` and padded with -1."""
-    queries = np.arange(len(lists), dtype=np.int64)[:, None]
-    ok = (lists >= 0) & ~np.isin(queries * pool_size + lists, excluded)
-    order = np.argsort(~ok, axis=1, kind="stable")  # kept entries first, in their order
-    kept = np.take_along_axis(np.where(ok, lists, -1), order, axis=1)[:, :keep]
-    return np.pad(kept, ((0, 0), (0, keep - kept.shape[1])), constant_values=-1)
-
-
-def fuse(lists: list[np.ndarray], rrf_k: int, keep: int, pool_size: int) -> np.ndarray:
-    """Reciprocal rank fusion of ranked lists (rows of pool ids, -1 = none): a text scores the sum
-    of 1 / (rrf_k + rank) over the lists that hold it (rank from 1); ties go to the lower id."""
-    if len(lists) == 1:
-        return lists[0][:, :keep]
-    rows, width = len(lists[0]), sum(x.shape[1] for x in lists)
-    ids = np.concatenate(lists, axis=1)
-    ranks = np.concatenate([np.broadcast_to(np.arange(1, x.shape[1] + 1), x.shape) for x in lists], axis=1)
-    row = np.broadcast_to(np.arange(rows)[:, None], (rows, width))
-    valid = ids >= 0
-    key = row[valid] * pool_size + ids[valid]
-    unique, inverse = np.unique(key, return_inverse=True)
-    score = np.bincount(inverse, weights=1.0 / (rrf_k + ranks[valid]))
-    u_row, u_id = unique // pool_size, unique % pool_size
-    order = np.lexsort((u_id, -score, u_row))
-    u_row, u_id = u_row[order], u_id[order]
-    starts = np.searchsorted(u_row, np.arange(rows))
-    position = np.arange(len(u_row)) - starts[u_row]
-    out = np.full((rows, keep), -1, dtype=np.int64)
-    take = position < keep
-    out[u_row[take], position[take]] = u_id[take]
-    return out
-
-
-def choose(
-    candidates: np.ndarray,
-    scores: np.ndarray,
-    positive_scores: np.ndarray,
-    num_negatives: int,
-    max_score_ratio: float | None,
-    margin: float | None,
-    sampling: str,
-    generator: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per row (candidates in rank order, -1 = none): the filter, then num_negatives survivors.
-    Returns (chosen (rows, n) ids, -1 for rows without enough; their scores; candidates dropped
-    by the filter)."""
-    valid = candidates >= 0
-    too_close = np.zeros_like(valid)
-    if max_score_ratio is not None:
-        too_close |= scores > max_score_ratio * positive_scores[:, None]
-    if margin is not None:
-        too_close |= scores > positive_scores[:, None] - margin
-    survivors = valid & ~too_close
-    if sampling == "random":
-        keys = np.where(survivors, generator.random(candidates.shape), np.inf)
-        picked = np.zeros_like(survivors)
-        best = np.argsort(keys, axis=1, kind="stable")[:, :num_negatives]
-        np.put_along_axis(picked, best, True, axis=1)
-        picked &= survivors
-    else:
-        picked = survivors & (np.cumsum(survivors, axis=1) <= num_negatives)
-    enough = picked.sum(axis=1) == num_negatives
-    order = np.argsort(~picked, axis=1, kind="stable")[:, :num_negatives]  # picked first, in rank order
-    chosen = np.where(enough[:, None], np.take_along_axis(candidates, order, axis=1), -1)
-    chosen_scores = np.take_along_axis(scores, order, axis=1)
-    return chosen, chosen_scores, int((valid & too_close).sum())
+INPUT_WAIT = datetime.timedelta(hours=2)  # how long other ranks wait while rank 0 reads the input
+STAT_KEYS = ("rows_in", "rows_out", "candidates", "dropped_by_filter", "positive_sum", "negative_sum")
 
 
 # ------------------------------------------------------------------------------- retrievers
@@ -178,7 +63,7 @@ def dense_lists(queries: torch.Tensor, docs: torch.Tensor, doc_ids: np.ndarray, 
     for q0 in range(0, len(queries), QUERY_BLOCK):
         scores, top = topk_search(queries[q0 : q0 + QUERY_BLOCK], docs, ids, k)
         out.append(merge_ranks(scores, top)[1].cpu().numpy())
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------- embeddings
@@ -191,15 +76,18 @@ def _model_fingerprint(path: str) -> list:
     return [path] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir()) if f.is_file()]
 
 
-def embed_pool(embed, pool: list[str], batch_size: int, cache_dir: str | None, settings: dict) -> tuple[np.ndarray, torch.Tensor]:
-    """This rank's (pool ids, normalised embeddings), from the cache when it holds them."""
-    plan = plan_batches(pool, batch_size, distributed.world_size())
+def embed_pool(embed, pool, batch_size: int, cache_dir: str | Path | None, settings: dict) -> tuple[np.ndarray, torch.Tensor]:
+    """This rank's (pool ids, normalised embeddings), from the cache when it holds them. pool: a
+    TextStore (or a list of texts)."""
+    lengths = pool.lengths() if hasattr(pool, "lengths") else np.array([len(t) for t in pool], dtype=np.int64)
+    plan = plan_by_length(lengths, batch_size, distributed.world_size())
     mine = plan.rank_indices(distributed.rank())
     if cache_dir is None:
         return embed_shard(embed, pool, plan, desc="embed candidates")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for text in pool:
-        digest.update(text.encode() + b"\0")
+    for batch in pool.batches() if hasattr(pool, "batches") else [pool]:
+        for text in batch:
+            digest.update(text.encode() + b"\0")
     path = Path(cache_dir) / f"pool-{digest.hexdigest()[:24]}.npy"
     if path.exists():
         if distributed.is_main():
@@ -223,74 +111,23 @@ def embed_pool(embed, pool: list[str], batch_size: int, cache_dir: str | None, s
     return ids, vectors
 
 
-# ------------------------------------------------------------------------------- output
+@dataclass
+class Embedders:
+    """The mining model, ready: its document and query embedders, batch size and settings."""
+
+    device: torch.device
+    embed_docs: object
+    embed_queries: object
+    batch_size: int
+    settings: dict  # what the pool's embeddings depend on (the cache's key)
 
 
-def _without_negatives(row: dict, columns: Columns) -> dict:
-    """The row without its old negatives, nor the scores that went with them."""
-    stale = {columns.negatives, columns.scores, "negative_scores", *FLAG_SCORES}
-    return {k: v for k, v in row.items() if k not in stale and not k.startswith(columns.negative_prefix)}
-
-
-def write_output(cfg, columns: Columns, pool: list[str], chosen: np.ndarray, chosen_scores: np.ndarray,
-                 teacher_scores: np.ndarray | None = None) -> int:
-    """The input rows that got negatives, with `negatives` and `negative_scores` (replacing any
-    negatives the input had) and, with a teacher, `scores` aligned with [positive] + negatives."""
-
-    def mined_rows():
-        for i, row in enumerate(raw_rows(cfg.input, columns)):
-            if chosen[i, 0] >= 0:
-                out = {
-                    **_without_negatives(row, columns),
-                    "negatives": [pool[j] for j in chosen[i]],
-                    "negative_scores": [round(float(s), 6) for s in chosen_scores[i]],
-                }
-                if teacher_scores is not None:
-                    out["scores"] = [round(float(s), 6) for s in teacher_scores[i]]
-                yield out
-
-    return write_rows(cfg.output, mined_rows())
-
-
-def _check_settings(cfg) -> None:
-    if cfg.num_negatives < 1:
-        raise ValueError(f"num_negatives must be at least 1, got {cfg.num_negatives}")
-    if not 0 <= cfg.range_min < cfg.range_max:
-        raise ValueError(f"need 0 <= range_min < range_max, got range_min={cfg.range_min} range_max={cfg.range_max}")
-    if cfg.filter_by.value == "teacher" and not cfg.teacher:
-        raise ValueError("filter_by=teacher needs teacher=PATH (a cross-encoder or an embedder folder)")
-    if cfg.range_max - cfg.range_min < cfg.num_negatives:
-        raise ValueError(f"range_min..range_max ({cfg.range_min}..{cfg.range_max}) holds fewer than num_negatives={cfg.num_negatives} candidates")
-
-
-# ------------------------------------------------------------------------------- the tool
-
-
-def mine(cfg) -> dict:
-    """Run the whole mining described by cfg (conf/tools/mine.yaml); returns the summary (every rank)."""
+def load_embedders(cfg, say) -> Embedders:
     from trainer.autochunk import embedding_batch_size, split_on_oom
     from trainer.model import (
         AUTOCAST_DTYPES, Encoder, ends_with_eos, load_tokenizer, prompt_prefixes, resolve_device, resolve_model_path,
         text_embedder,
     )
-    from trainer.score import load_teacher
-
-    started = time.perf_counter()
-    _check_settings(cfg)
-    check_output(cfg.input, cfg.output, cfg.overwrite)
-    file_kind(cfg.input)  # a missing or unsupported input fails here, before the model loads
-    columns = Columns(cfg.query_column, cfg.positive_column)
-    say = (lambda *a: print(*a, flush=True)) if distributed.is_main() else (lambda *a: None)
-
-    pairs = read_pairs(cfg.input, columns)
-    pool = candidate_pool(pairs, read_corpus(cfg.corpus))
-    pool_index = {text: i for i, text in enumerate(pool)}
-    excluded = excluded_keys(pairs, pool_index)
-    # Enough ranks to fill range_max after the excluded texts of the query with the most.
-    per_query = np.bincount(excluded // len(pool), minlength=len(pairs.queries))
-    k = min(len(pool), cfg.range_max + int(per_query.max()))
-    say(f"{len(pairs.positives)} rows, {len(pairs.queries)} distinct queries, {len(pool)} candidate texts; "
-        f"retriever {cfg.retriever.value}, ranks {cfg.range_min}..{cfg.range_max}, {distributed.world_size()} rank(s)")
 
     model = cfg.model
     device = resolve_device(cfg.device, distributed.read_env().local_rank)
@@ -308,50 +145,184 @@ def mine(cfg) -> dict:
     settings = {
         "model": _model_fingerprint(resolve_model_path(model.name_or_path)), "pooling": model.pooling.value,
         "prefix": doc_prefix, "max_length": model.doc_max_length, "precision": cfg.precision.value,
-        "append_eos": ends_with_eos(tokenizer),
+        "append_eos": ends_with_eos(tokenizer), "query_prefix": query_prefix, "query_max_length": model.query_max_length,
     }
-    doc_ids, docs = embed_pool(embed_docs, pool, batch_size, cfg.embeddings_cache, settings)
-    docs = docs.to(device)
-    queries = embed_everywhere(embed_queries, pairs.queries, batch_size, desc="embed queries")
+    return Embedders(device, embed_docs, embed_queries, batch_size, settings)
 
-    lists = []
-    if cfg.retriever.value in ("dense", "hybrid"):
-        lists.append(dense_lists(queries, docs, doc_ids, k))
+
+# ------------------------------------------------------------------------------- one block of rows
+
+
+class BlockMiner:
+    """Mines any block of input rows against the pool this rank holds (its shard of the pool's
+    embeddings and BM25 index). Every method is a collective: all ranks mine the same block."""
+
+    def __init__(self, cfg, data: MiningInput, models: Embedders, doc_ids: np.ndarray, docs: torch.Tensor,
+                 bm25, teacher) -> None:
+        self.cfg, self.data, self.models, self.bm25, self.teacher = cfg, data, models, bm25, teacher
+        self.doc_ids, self.docs = torch.as_tensor(doc_ids), docs
+        # Enough ranks to fill range_max after the excluded texts of the query with the most.
+        self.k = min(data.pool_size, cfg.range_max + data.most_excluded)
+
+    def cosines(self, queries: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+        """Cosines of each query with its pool ids (NaN where -1)."""
+        return score_candidates(queries, torch.as_tensor(ids), self.docs, self.doc_ids, self.data.pool_size).cpu().numpy()
+
+    def candidates(self, query_ids: np.ndarray, texts: list[str], queries: torch.Tensor) -> np.ndarray:
+        """Each query's candidates: retrieved, exclusions dropped, fused, cut to range_min..range_max."""
+        cfg, data = self.cfg, self.data
+        lists = []
+        if cfg.retriever.value in ("dense", "hybrid"):
+            lists.append(dense_lists(queries, self.docs, self.doc_ids, self.k))
+        if cfg.retriever.value in ("bm25", "hybrid"):
+            lists.append(ranked_lists(self.bm25, texts, self.k))
+        excluded = data.excluded_of(query_ids)
+        lists = [drop_excluded(x, query_ids, excluded, data.pool_size, cfg.range_max) for x in lists]
+        return fuse(lists, cfg.rrf_k, cfg.range_max, data.pool_size)[:, cfg.range_min :]
+
+    def mine(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+        """(chosen pool ids per row, -1 for a row without enough; their cosines; the teacher's
+        scores of [positive] + chosen or None; the block's counts)."""
+        cfg, data = self.cfg, self.data
+        query_ids, row_local = np.unique(np.asarray(data.row_query[rows]), return_inverse=True)
+        texts = data.queries.take(query_ids)
+        queries = embed_everywhere(self.models.embed_queries, texts, self.models.batch_size)
+        candidates = self.candidates(query_ids, texts, queries)
+        row_queries, row_candidates = queries[torch.as_tensor(row_local)], candidates[row_local]
+        positive_ids = np.asarray(data.row_positive[rows])
+        positive_scores = self.cosines(row_queries, positive_ids[:, None])[:, 0]
+        judge, judge_positive = self.cosines(queries, candidates)[row_local], positive_scores
+        if cfg.filter_by.value == "teacher":
+            judge = self.teacher_scores(texts, row_local, row_candidates)
+            judge_positive = self.teacher_scores(texts, row_local, positive_ids[:, None])[:, 0]
+        keys = draw_keys(cfg.seed, rows, row_candidates) if cfg.sampling.value == "random" else None
+        chosen, _, dropped = choose(row_candidates, judge, judge_positive, cfg.num_negatives, cfg.max_score_ratio,
+                                    cfg.margin, cfg.sampling.value, keys)
+        chosen_scores = self.cosines(row_queries, chosen)
+        teacher_scores = None
+        if self.teacher is not None:  # the distillation targets: [positive] + the chosen negatives of every kept row
+            group = np.where(chosen[:, :1] >= 0, np.concatenate([positive_ids[:, None], chosen], axis=1), -1)
+            teacher_scores = self.teacher_scores(texts, row_local, group)
+        kept = chosen[:, 0] >= 0
+        stats = {"rows_in": len(rows), "rows_out": int(kept.sum()), "candidates": int((row_candidates >= 0).sum()),
+                 "dropped_by_filter": dropped, "positive_sum": float(positive_scores.astype(np.float64).sum()),
+                 "negative_sum": float(chosen_scores[kept].astype(np.float64).sum())}
+        return chosen, chosen_scores, teacher_scores, stats
+
+    def teacher_scores(self, texts: list[str], row_query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(rows, k) teacher scores of query texts[row_query[i]] with pool text ids[i, j] (nan where -1)."""
+        from trainer.teacher import score_pairs
+
+        rows, slots = np.nonzero(ids >= 0)
+        scores, _ = score_pairs(self.teacher, [texts[q] for q in row_query[rows]], self.data.pool.take(ids[rows, slots]),
+                                self.cfg.teacher_batch_size, desc=None)
+        out = np.full(ids.shape, np.nan)
+        out[rows, slots] = scores
+        return out
+
+
+# ------------------------------------------------------------------------------- output
+
+
+def _without_negatives(row: dict, columns: Columns) -> dict:
+    """The row without its old negatives, nor the scores that went with them."""
+    stale = {columns.negatives, columns.scores, "negative_scores", *FLAG_SCORES}
+    return {k: v for k, v in row.items() if k not in stale and not k.startswith(columns.negative_prefix)}
+
+
+def output_lines(rows: list[dict], columns: Columns, pool, chosen: np.ndarray, chosen_scores: np.ndarray,
+                 teacher_scores: np.ndarray | None) -> list[str]:
+    """The JSON lines of the rows that got negatives: each input row with `negatives` and
+    `negative_scores` (replacing any negatives it had) and, with a teacher, `scores` aligned with
+    [positive] + negatives."""
+    kept = np.flatnonzero(chosen[:, 0] >= 0)
+    texts = iter(pool.take(chosen[kept].reshape(-1)))
+    lines = []
+    for i in kept:
+        out = {
+            **_without_negatives(rows[i], columns),
+            "negatives": [next(texts) for _ in range(chosen.shape[1])],
+            "negative_scores": [round(float(s), 6) for s in chosen_scores[i]],
+        }
+        if teacher_scores is not None:
+            out["scores"] = [round(float(s), 6) for s in teacher_scores[i]]
+        lines.append(json.dumps(out, ensure_ascii=False) + "\n")
+    return lines
+
+
+# ------------------------------------------------------------------------------- the tool
+
+
+def _check_settings(cfg) -> None:
+    if cfg.num_negatives < 1:
+        raise ValueError(f"num_negatives must be at least 1, got {cfg.num_negatives}")
+    if not 0 <= cfg.range_min < cfg.range_max:
+        raise ValueError(f"need 0 <= range_min < range_max, got range_min={cfg.range_min} range_max={cfg.range_max}")
+    if cfg.filter_by.value == "teacher" and not cfg.teacher:
+        raise ValueError("filter_by=teacher needs teacher=PATH (a cross-encoder or an embedder folder)")
+    if cfg.range_max - cfg.range_min < cfg.num_negatives:
+        raise ValueError(f"range_min..range_max ({cfg.range_min}..{cfg.range_max}) holds fewer than num_negatives={cfg.num_negatives} candidates")
+    if cfg.block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, got {cfg.block_rows}")
+
+
+# Keys that change neither what is mined nor how the output is laid out: a resumed run may differ in them.
+NOT_IN_FINGERPRINT = ("output", "overwrite", "embeddings_cache", "bm25_backend", "device", "batch_size")
+
+
+def run_fingerprint(cfg, models: Embedders) -> dict:
+    """What the output is a function of: input and corpus files, the model and every setting."""
+    from omegaconf import OmegaConf
+
+    settings = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_IN_FINGERPRINT}
+    corpus = cfg.corpus if cfg.corpus is None or isinstance(cfg.corpus, str) else list(cfg.corpus)
+    files = [file_fingerprint(p) for p in ([] if corpus is None else [corpus] if isinstance(corpus, str) else corpus)]
+    # The batch size shapes the embedding batches (their padding), hence the last bits of each score.
+    return {"settings": settings, "input": file_fingerprint(cfg.input), "corpus": files,
+            "embedding": models.settings, "batch_size": models.batch_size}
+
+
+def prepare(cfg, columns: Columns, fingerprint: dict) -> dict[int, dict]:
+    """Rank 0: open the parts folder (resuming or afresh), read the input into it if it is not
+    there yet, save the manifest; returns the blocks already done."""
+    parts = Parts.open(parts_folder(cfg.output), fingerprint, cfg.overwrite)
+    if not (parts.folder / "input" / "pool.json").exists():
+        (parts.folder / "input").mkdir(exist_ok=True)
+        build(parts.folder / "input", cfg.input, columns, cfg.corpus)
+    if not parts.started:
+        parts.save_manifest()
+    return parts.done
+
+
+def mine(cfg) -> dict:
+    """Run the whole mining described by cfg (conf/tools/mine.yaml); returns the summary (every rank)."""
+    from trainer.score import load_teacher
+
+    started = time.perf_counter()
+    _check_settings(cfg)
+    check_output(cfg.input, cfg.output, cfg.overwrite)
+    file_kind(cfg.input)  # a missing or unsupported input fails here, before the model loads
+    columns = Columns(cfg.query_column, cfg.positive_column)
+    say = (lambda *a: print(*a, flush=True)) if distributed.is_main() else (lambda *a: None)
+    models = load_embedders(cfg, say)
+    fingerprint = run_fingerprint(cfg, models)
+    done = distributed.on_main(lambda: prepare(cfg, columns, fingerprint), INPUT_WAIT)
+    folder = parts_folder(cfg.output)
+    data = MiningInput.open(folder / "input")
+    blocks = -(-data.rows // cfg.block_rows)
+    say(f"{data.rows} rows, {len(data.queries)} distinct queries, {data.pool_size} candidate texts; retriever "
+        f"{cfg.retriever.value}, ranks {cfg.range_min}..{cfg.range_max}, {distributed.world_size()} rank(s), "
+        f"{blocks} block(s) of {cfg.block_rows} rows" + (f"; resuming: {len(done)} done" if done else ""))
+
+    doc_ids, docs = embed_pool(models.embed_docs, data.pool, models.batch_size, cfg.embeddings_cache or folder,
+                               models.settings)
+    bm25 = None
     if cfg.retriever.value in ("bm25", "hybrid"):
-        lists.append(bm25_lists(pairs.queries, pool, k, backend=cfg.bm25_backend.value, query_block=QUERY_BLOCK))
-    lists = [drop_excluded(x, excluded, len(pool), cfg.range_max) for x in lists]
-    candidates = fuse(lists, cfg.rrf_k, cfg.range_max, len(pool))[:, cfg.range_min :]
-    candidate_scores = _scores(queries, candidates, docs, doc_ids, len(pool))
-
-    # Each row against its own positive: the filter's reference.
-    positive_ids = np.fromiter((pool_index[p] for p in pairs.positives), dtype=np.int64, count=len(pairs.positives))
-    positive_scores = np.concatenate([
-        _scores(queries[torch.as_tensor(pairs.row_query[r0 : r0 + ROW_BLOCK], device=queries.device)],
-                positive_ids[r0 : r0 + ROW_BLOCK, None], docs, doc_ids, len(pool))[:, 0]
-        for r0 in range(0, len(positive_ids), ROW_BLOCK)
-    ])
-    teacher = load_teacher(cfg, device) if cfg.teacher else None
-    chosen, chosen_scores, dropped, teacher_scores = _choose_negatives(
-        cfg, teacher, pairs, pool, candidates, candidate_scores, positive_ids, positive_scores,
-        lambda rows, ids: _scores(queries[torch.as_tensor(rows, device=queries.device)], ids, docs, doc_ids, len(pool)),
-    )
-
-    kept = chosen[:, 0] >= 0
-    per_row_candidates = (candidates >= 0).sum(axis=1)[pairs.row_query].sum()
-    summary = {
-        "rows_in": len(positive_ids),
-        "rows_out": int(kept.sum()),
-        "rows_dropped": int((~kept).sum()),
-        "candidates": int(per_row_candidates),
-        "dropped_by_filter": dropped,
-        "mean_positive_score": float(positive_scores.mean()),
-        "mean_negative_score": float(chosen_scores[kept].mean()) if kept.any() else float("nan"),
-    }
-    if distributed.is_main():
-        summary["rows_written"] = write_output(cfg, columns, pool, chosen, chosen_scores, teacher_scores)
-    distributed.barrier()
-    summary["seconds"] = time.perf_counter() - started
-    summary["pairs_per_s"] = summary["rows_in"] / summary["seconds"]
+        bm25 = shard_index(data.pool, cfg.bm25_backend.value, len(data.queries))
+    teacher = load_teacher(cfg, models.device) if cfg.teacher else None
+    miner = BlockMiner(cfg, data, models, doc_ids, docs.to(models.device), bm25, teacher)
+    totals = mine_blocks(cfg, columns, miner, blocks, done, folder)
+    summary = finish(cfg, folder, blocks, totals, started)
     say(
         f"rows in {summary['rows_in']}, out {summary['rows_out']} (dropped {summary['rows_dropped']} without "
         f"{cfg.num_negatives} negatives); candidates {summary['candidates']}, dropped by the filter "
@@ -362,48 +333,50 @@ def mine(cfg) -> dict:
     return summary
 
 
-def _choose_negatives(cfg, teacher, pairs: Pairs, pool: list[str], candidates: np.ndarray, candidate_scores: np.ndarray,
-                      positive_ids: np.ndarray, positive_scores: np.ndarray, cosines) -> tuple:
-    """The filter and the choice, judged by the student's cosines or (filter_by=teacher) by the
-    teacher's scores: (chosen ids, their cosines, candidates dropped, teacher scores of [positive]
-    + chosen per row or None). cosines(query rows, ids) gives the student's scores."""
-    judge, judge_positive = candidate_scores, positive_scores
-    if cfg.filter_by.value == "teacher":
-        judge = teacher_scores_of(teacher, cfg, pairs.queries, np.arange(len(pairs.queries)), candidates, pool)
-        judge_positive = teacher_scores_of(teacher, cfg, pairs.queries, pairs.row_query, positive_ids[:, None], pool)[:, 0]
-    generator = np.random.default_rng(cfg.seed)
-    chosen, chosen_scores, dropped = [], [], 0
-    for r0 in range(0, len(positive_ids), ROW_BLOCK):
-        rows_query = pairs.row_query[r0 : r0 + ROW_BLOCK]
-        c, _, d = choose(candidates[rows_query], judge[rows_query], judge_positive[r0 : r0 + ROW_BLOCK],
-                         cfg.num_negatives, cfg.max_score_ratio, cfg.margin, cfg.sampling.value, generator)
-        chosen.append(c)
-        chosen_scores.append(cosines(rows_query, c))
-        dropped += d
-    chosen, chosen_scores = np.concatenate(chosen), np.concatenate(chosen_scores)
-    teacher_scores = None
-    if teacher is not None:  # the distillation targets: [positive] + the chosen negatives of every kept row
-        group = np.where(chosen[:, :1] >= 0, np.concatenate([positive_ids[:, None], chosen], axis=1), -1)
-        teacher_scores = teacher_scores_of(teacher, cfg, pairs.queries, pairs.row_query, group, pool)
-    return chosen, chosen_scores, dropped, teacher_scores
+def mine_blocks(cfg, columns: Columns, miner: BlockMiner, blocks: int, done: dict[int, dict], folder: Path) -> dict:
+    """Mine every block not done yet, in order; rank 0 writes each one's part as it completes.
+    Returns the counts summed over all blocks (done before or now)."""
+    from tqdm import tqdm
+
+    parts = Parts.load(folder) if distributed.is_main() else None
+    source = raw_rows(cfg.input, columns) if distributed.is_main() else None
+    totals = dict.fromkeys(STAT_KEYS, 0)
+    for block in tqdm(range(blocks), desc="mine blocks", disable=not distributed.is_main(), leave=False):
+        rows = np.arange(block * cfg.block_rows, min((block + 1) * cfg.block_rows, miner.data.rows))
+        input_rows = list(itertools.islice(source, len(rows))) if source is not None else None
+        if block in done:
+            stats = done[block]
+        else:
+            chosen, chosen_scores, teacher_scores, stats = miner.mine(rows)
+            if parts is not None:
+                parts.write_block(block, output_lines(input_rows, columns, miner.data.pool, chosen, chosen_scores,
+                                                      teacher_scores), stats)
+        for key in STAT_KEYS:
+            totals[key] += stats[key]
+    return totals
 
 
-def teacher_scores_of(teacher, cfg, query_texts: list[str], row_query: np.ndarray, ids: np.ndarray, pool: list[str]) -> np.ndarray:
-    """(rows, k) teacher scores of query row_query[i] with pool text ids[i, j] (nan where ids is -1)."""
-    from trainer.teacher import score_pairs
-
-    rows, slots = np.nonzero(ids >= 0)
-    scores, _ = score_pairs(teacher, [query_texts[q] for q in row_query[rows]], [pool[j] for j in ids[rows, slots]],
-                            cfg.teacher_batch_size, desc="teacher scores")
-    out = np.full(ids.shape, np.nan)
-    out[rows, slots] = scores
-    return out
-
-
-def _scores(queries, candidates: np.ndarray, docs, doc_ids, pool_size: int) -> np.ndarray:
-    """Cosines of each query with its candidates (NaN where none); score_candidates works in blocks."""
-    ids = torch.as_tensor(doc_ids)
-    return score_candidates(queries, torch.as_tensor(candidates), docs, ids, pool_size).cpu().numpy()
+def finish(cfg, folder: Path, blocks: int, totals: dict, started: float) -> dict:
+    """The output assembled from the parts (rank 0), the parts removed; the summary (every rank)."""
+    rows_out = totals["rows_out"]
+    summary = {
+        "rows_in": totals["rows_in"],
+        "rows_out": rows_out,
+        "rows_dropped": totals["rows_in"] - rows_out,
+        "candidates": totals["candidates"],
+        "dropped_by_filter": totals["dropped_by_filter"],
+        "mean_positive_score": totals["positive_sum"] / max(totals["rows_in"], 1),
+        "mean_negative_score": totals["negative_sum"] / (rows_out * cfg.num_negatives) if rows_out else float("nan"),
+    }
+    distributed.barrier()
+    if distributed.is_main():
+        parts = Parts.load(folder)
+        summary["rows_written"] = parts.assemble(cfg.output, blocks)
+        parts.remove()
+    distributed.barrier()
+    summary["seconds"] = time.perf_counter() - started
+    summary["pairs_per_s"] = summary["rows_in"] / summary["seconds"]
+    return summary
 
 
 def main() -> None:

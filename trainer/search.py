@@ -75,7 +75,9 @@ def embed_shard(
     indices = plan.rank_indices(rank)
     out, start = None, 0
     for index in tqdm(batches, desc=desc, disable=desc is None or not distributed.is_main(), leave=False):
-        vectors = F.normalize(embed_batch([texts[i] for i in index]).float(), dim=-1)
+        # A TextStore reads a batch with one take per stored chunk, not text by text.
+        batch = texts.take(index) if hasattr(texts, "take") else [texts[i] for i in index]
+        vectors = F.normalize(embed_batch(batch).float(), dim=-1)
         if out is None:  # filled in place: no second copy of the shard's embeddings
             out = vectors.new_empty((len(indices), vectors.shape[1]))
         out[start : start + len(vectors)] = vectors

@@ -1,0 +1,121 @@
+"""Mining's progress on disk, so that a crash loses at most the block being mined.
+
+The folder `<output>.parts/` holds one part file per completed block of input rows (JSON lines,
+written to a temporary name and renamed) and `manifest.json`, rewritten after each part, last,
+as checkpoints are: a block counts as done only once the manifest says so. The manifest also
+holds the run's fingerprint (input and corpus files, model, settings): the same command run again
+resumes at the first missing block; another command finds the folder and stops, unless told to
+overwrite. When every block is done the output is assembled from the parts (into a temporary
+file renamed when complete) and the folder is removed. An output is a function of the parts
+alone, so a resumed run writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def parts_folder(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".parts")
+
+
+def file_fingerprint(path: str | Path) -> list:
+    """What tells a file's version apart without reading it: path, size and modification time."""
+    p = Path(path)
+    if not p.exists():
+        return [str(path)]
+    stat = p.stat()
+    return [str(p.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+class Parts:
+    """The parts folder of one mining run (used by rank 0, which writes; other ranks only read)."""
+
+    def __init__(self, folder: Path, fingerprint: dict, done: dict[int, dict] | None = None) -> None:
+        self.folder, self.fingerprint = folder, fingerprint
+        self.done: dict[int, dict] = dict(done or {})
+
+    @classmethod
+    def load(cls, folder: Path) -> Parts:
+        """The folder as its manifest describes it."""
+        saved = json.loads((folder / MANIFEST).read_text())
+        return cls(folder, saved["fingerprint"], {int(k): v for k, v in saved["done"].items()})
+
+    @classmethod
+    def open(cls, folder: Path, fingerprint: dict, overwrite: bool) -> Parts:
+        """Resume from folder when its manifest has this fingerprint; else start it afresh (a folder
+        without a manifest died before its first block), or refuse one of another run."""
+        if (folder / MANIFEST).exists():
+            saved = cls.load(folder)
+            if saved.fingerprint == fingerprint:
+                return saved
+            if not overwrite:
+                changed = sorted(k for k in {*fingerprint, *saved.fingerprint} if fingerprint.get(k) != saved.fingerprint.get(k))
+                raise ValueError(f"{folder} holds the unfinished parts of a mining run with other settings "
+                                 f"({', '.join(changed)} differ); delete it, rerun that command, "
+                                 "or pass overwrite=true to start over")
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return cls(folder, fingerprint)
+
+    @property
+    def started(self) -> bool:
+        return (self.folder / MANIFEST).exists()
+
+    def save_manifest(self) -> None:
+        manifest = {"fingerprint": self.fingerprint, "done": {str(k): v for k, v in sorted(self.done.items())}}
+        _write_atomically(self.folder / MANIFEST, json.dumps(manifest, indent=1))
+
+    def part_path(self, block: int) -> Path:
+        return self.folder / f"part-{block:06d}.jsonl"
+
+    def write_block(self, block: int, lines: list[str], stats: dict) -> None:
+        """The block's output lines, then the manifest that counts it done."""
+        _write_atomically(self.part_path(block), "".join(lines))
+        self.done[block] = stats
+        self.save_manifest()
+
+    def lines(self, blocks: int) -> Iterator[bytes]:
+        for block in range(blocks):
+            with open(self.part_path(block), "rb") as handle:
+                yield from handle
+
+    def assemble(self, output: str | Path, blocks: int) -> int:
+        """The output from the parts of blocks 0..blocks-1, in order (a temporary file renamed);
+        returns how many rows it holds."""
+        from trainer.data.output import write_rows
+
+        output = Path(output)
+        if output.name.endswith(".parquet"):
+            return write_rows(output, (json.loads(line) for line in self.lines(blocks)))
+        tmp, written = output.with_name(output.name + ".tmp"), 0
+        with open(tmp, "wb") as raw:
+            # gzip without a timestamp or a file name in its header: the same rows, the same bytes.
+            handle = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if output.name.endswith(".gz") else raw
+            for line in self.lines(blocks):
+                handle.write(line)
+                written += 1
+            handle.close()
+        tmp.replace(output)
+        return written
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
