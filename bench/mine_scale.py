@@ -3,10 +3,18 @@ is cheap and retrieval, filtering and bookkeeping are what is measured), per siz
 ranks: wall time, CPU seconds (all ranks), peak RSS per rank and the output rate.
 
     python bench/mine_scale.py --sizes 100000 1000000 --nproc 1 2 [--retriever hybrid]
+        [--baseline-rev f21fda9 --baseline-sizes 100000] [--kill]
 
 Each run is `torchrun --nproc_per_node=N bench/mine_scale.py --worker ...`: every rank runs the
 tool in-process and reports its own peak RSS and CPU time. The pool is the input's positives
-(as many distinct texts as rows), so pool and queries grow together.
+(as many distinct texts as rows), so pool and queries grow together. The filter is off
+(max_score_ratio=null): a random model's cosines are all alike and the filter would drop
+nearly every row, leaving the output's cost unmeasured.
+
+--baseline-rev runs the tool of an earlier commit (a git worktree of this repository) in the same
+run, side by side. --kill SIGKILLs the first size's 1-rank run once two blocks are done, runs
+it again, and reports whether the output equals the uninterrupted one and how many blocks were
+mined twice (a part file written but not yet counted by the manifest when it died).
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import json
 import os
 import random
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +50,7 @@ def write_input(path: Path, rows: int, seed: int = 0) -> Path:
 
 
 def worker(args) -> None:
+    sys.path.insert(0, os.environ["PYTHONPATH"])  # the repository under test: this one or a baseline's worktree
     from trainer.mine import main as mine_main
 
     sys.argv = ["trainer.mine", *args.overrides]
@@ -50,18 +61,24 @@ def worker(args) -> None:
     Path(args.report).with_suffix(f".rank{report['rank']}.json").write_text(json.dumps(report))
 
 
-def run(root: Path, rows: int, nproc: int, retriever: str, model: Path) -> dict:
-    data = root / f"pairs-{rows}.jsonl"
-    if not data.exists():
-        write_input(data, rows)
-    output = root / f"mined-{rows}-{nproc}.jsonl"
-    report = root / f"report-{rows}-{nproc}"
+def command(rows: int, nproc: int, data: Path, output: Path, retriever: str, model: Path, report: Path,
+            repo: Path = REPO) -> tuple[list[str], dict]:
     overrides = [f"input={data}", f"output={output}", "overwrite=true", f"model.name_or_path={model}",
-                 f"retriever={retriever}", "num_negatives=3", "range_max=30", "batch_size=512"]
+                 f"retriever={retriever}", "num_negatives=3", "range_max=30", "batch_size=512", "max_score_ratio=null"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__).resolve()), "--worker", "--report", str(report), "--", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(repo))
+    return cmd, env
+
+
+def run(root: Path, rows: int, nproc: int, retriever: str, model: Path, repo: Path = REPO, label: str = "") -> dict:
+    data = root / f"pairs-{rows}.jsonl"
+    if not data.exists():
+        write_input(data, rows)
+    output = root / f"mined-{rows}-{nproc}{label}.jsonl"
+    report = root / f"report-{rows}-{nproc}{label}"
+    cmd, env = command(rows, nproc, data, output, retriever, model, report, repo)
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -70,7 +87,45 @@ def run(root: Path, rows: int, nproc: int, retriever: str, model: Path) -> dict:
     ranks = [json.loads(report.with_suffix(f".rank{r}.json").read_text()) for r in range(nproc)]
     written = sum(1 for _ in open(output))
     return {"rows": rows, "nproc": nproc, "wall_s": wall, "cpu_s": sum(r["cpu_s"] for r in ranks),
-            "peak_rss_gib": max(r["peak_rss_gib"] for r in ranks), "rows_per_s": rows / wall, "written": written}
+            "peak_rss_gib": max(r["peak_rss_gib"] for r in ranks), "rows_per_s": rows / wall, "written": written,
+            "output": output}
+
+
+def killed_and_resumed(root: Path, rows: int, retriever: str, model: Path, expected: Path) -> str:
+    """SIGKILL a 1-rank run once its manifest counts 2 blocks, run it again; what came of it."""
+    data, output = root / f"pairs-{rows}.jsonl", root / f"killed-{rows}.jsonl"
+    cmd, env = command(rows, 1, data, output, retriever, model, root / "report-killed")
+    manifest = output.with_name(output.name + ".parts") / "manifest.json"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while proc.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text())["done"]) >= 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    if not manifest.exists() or proc.returncode == 0:
+        return f"not killed: the {rows}-row run ended before its manifest counted 2 blocks (too few blocks)"
+    parts = manifest.parent
+    counted = len(json.loads(manifest.read_text())["done"])
+    written = len(list(parts.glob("part-*.jsonl")))
+    subprocess.run(cmd, env=env, capture_output=True, check=True)
+    same = output.read_bytes() == expected.read_bytes()
+    return (f"killed with {counted} blocks counted and {written} part files; run again: output "
+            f"{'identical' if same else 'DIFFERENT'}, {written - counted} block(s) mined twice")
+
+
+def baseline_repo(root: Path, rev: str) -> Path:
+    folder = root / f"baseline-{rev}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), rev], check=True,
+                   capture_output=True)
+    return folder
+
+
+def row(label: str, r: dict) -> str:
+    if "error" in r:
+        return f"| {label} | {r['rows']} | {r['nproc']} | failed: {r['error']} | | | |"
+    return (f"| {label} | {r['rows']} | {r['nproc']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | "
+            f"{r['rows_per_s']:.0f} |")
 
 
 def main() -> None:
@@ -78,6 +133,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100000])
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--retriever", default="hybrid", choices=["bm25", "dense", "hybrid"])
+    parser.add_argument("--baseline-rev", help="also run the tool of this earlier commit")
+    parser.add_argument("--baseline-sizes", type=int, nargs="+", help="sizes for the baseline (default: --sizes)")
+    parser.add_argument("--kill", action="store_true", help="kill and resume the first size's 1-rank run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
@@ -89,17 +147,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = write_tiny_model(root / "model")
-        print(f"retriever {args.retriever}; tiny random BERT (hidden 32, 2 layers); pool = the positives")
-        print("| rows | ranks | wall s | CPU s (all ranks) | peak RSS per rank GiB | rows/s |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for rows in args.sizes:
-            for nproc in args.nproc:
-                r = run(root, rows, nproc, args.retriever, model)
-                if "error" in r:
-                    print(f"| {rows} | {nproc} | failed: {r['error']} | | | |", flush=True)
-                    continue
-                print(f"| {rows} | {nproc} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | "
-                      f"{r['rows_per_s']:.0f} |", flush=True)
+        baseline = baseline_repo(root, args.baseline_rev) if args.baseline_rev else None
+        print(f"retriever {args.retriever}; tiny random BERT (hidden 32, 2 layers); pool = the positives; "
+              f"{os.cpu_count()} CPU cores")
+        print("| tool | rows | ranks | wall s | CPU s (all ranks) | peak RSS per rank GiB | rows/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        results = {}
+        try:
+            for rows in args.sizes:
+                for nproc in args.nproc:
+                    if baseline is not None and rows in (args.baseline_sizes or args.sizes):
+                        print(row(f"before ({args.baseline_rev})", run(root, rows, nproc, args.retriever, model, baseline,
+                                                                       "-baseline")), flush=True)
+                    results[rows, nproc] = run(root, rows, nproc, args.retriever, model)
+                    print(row("now", results[rows, nproc]), flush=True)
+            summarize(results, args)
+            first = (args.sizes[0], 1)
+            if args.kill and "output" in results.get(first, {}):
+                print(killed_and_resumed(root, args.sizes[0], args.retriever, model, results[first]["output"]))
+        finally:
+            if baseline is not None:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], capture_output=True)
+                shutil.rmtree(baseline, ignore_errors=True)
+
+
+def summarize(results: dict, args) -> None:
+    """The targets' ratios: RSS of the largest size over the smallest, CPU of N ranks over 1."""
+    ok = {key: r for key, r in results.items() if "error" not in r}
+    small, large = min(args.sizes), max(args.sizes)
+    for nproc in args.nproc:
+        if large != small and (small, nproc) in ok and (large, nproc) in ok:
+            ratio = ok[large, nproc]["peak_rss_gib"] / ok[small, nproc]["peak_rss_gib"]
+            print(f"peak RSS per rank, {large} / {small} rows, {nproc} rank(s): {ratio:.2f}x")
+    for rows in args.sizes:
+        for nproc in args.nproc:
+            if nproc > 1 and (rows, 1) in ok and (rows, nproc) in ok:
+                ratio = ok[rows, nproc]["cpu_s"] / ok[rows, 1]["cpu_s"]
+                same = ok[rows, nproc]["output"].read_bytes() == ok[rows, 1]["output"].read_bytes()
+                print(f"CPU seconds, {nproc} ranks / 1 rank, {rows} rows: {ratio:.2f}x; outputs "
+                      f"{'identical' if same else 'differ'}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,19 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.tiny import REPO, WORDS, run_python_module, subprocess_env, synthetic_pairs, write_jsonl, write_tiny_model
+from tests.tiny import (
+    REPO,
+    WORDS,
+    run_python_module,
+    subprocess_env,
+    synthetic_pairs,
+    write_jsonl,
+    write_tiny_model,
+)
 from trainer import config
 from trainer.mine import mine
-from trainer.negatives import choose, draw_keys, drop_excluded, fuse
 from trainer.model import Encoder, load_tokenizer, text_embedder
+from trainer.negatives import choose, draw_keys, drop_excluded, fuse
 
 
 def test_filter_drops_exactly_the_candidates_above_the_threshold():
@@ -300,3 +308,61 @@ def test_text_store_reads_any_ids_across_batches(tmp_path):
     assert [t for batch in store.batches() for t in batch] == texts
     with pytest.raises(IndexError):
         store.take([25])
+
+
+# -- approximate search ----------------------------------------------------------------------
+
+
+def test_faiss_shard_search_and_its_recall_against_brute_force():
+    """An IVF index probing 1 of 8 clusters misses some true neighbours; recall() counts them as a
+    plain set comparison with brute-force top-k does; probing all 8 clusters is exhaustive
+    (recall exactly 1); ids are the shard's pool ids."""
+    pytest.importorskip("faiss")  # an optional extra; the test extra installs it, so CI runs this
+    from trainer.ann import ShardANN, recall
+
+    rng = np.random.default_rng(0)
+    docs = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(2000, 16)).astype(np.float32)), dim=-1)
+    queries = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(100, 16)).astype(np.float32)), dim=-1)
+    pool_ids = np.arange(2000) * 3 + 7  # a shard's ids are not 0..n-1
+    exact = pool_ids[(queries @ docs.T).topk(10, dim=1).indices.numpy()]
+    for nprobe in (1, 8):
+        _, ids = ShardANN(docs, pool_ids, "IVF8,Flat", nprobe, 0).search(queries, 10)
+        ids = ids.numpy()
+        expected_hits = sum(len(set(a) & set(e)) for a, e in zip(ids.tolist(), exact.tolist()))
+        assert recall(ids, exact) == (expected_hits, 1000)
+        if nprobe == 8:
+            assert expected_hits == 1000
+        else:
+            # Approximate, and measured as such: fewer than all, more than the eighth of the true
+            # neighbours a cluster chosen at random would hold (the nearest cluster is not random).
+            assert 1000 / 8 < expected_hits < 1000
+    with pytest.raises(ValueError, match="faiss_index=IVF4096,Flat"):
+        ShardANN(docs, pool_ids, "IVF4096,Flat", 1, 0)  # more clusters than vectors: one clear line
+
+
+def test_faiss_mining_reports_recall_and_matches_exact_when_exhaustive(assets, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    common = ("retriever=dense", "max_score_ratio=null")
+    mine(compose_mine(*mine_args(assets, tmp_path / "exact.jsonl", *common)))
+    # HNSW with a search list longer than the tiny pool visits every text: recall 1, same output.
+    summary = mine(compose_mine(*mine_args(assets, tmp_path / "hnsw.jsonl", *common, "search=faiss")))
+    assert summary["faiss_recall"] == 1.0
+    assert read_jsonl(tmp_path / "hnsw.jsonl") == read_jsonl(tmp_path / "exact.jsonl")
+    summary = mine(compose_mine(*mine_args(assets, tmp_path / "ivf.jsonl", *common, "search=faiss",
+                                           "faiss_index='IVF8,Flat'", "faiss_nprobe=1")))
+    assert 0 < summary["faiss_recall"] < 1
+    assert "faiss (IVF8,Flat) recall@" in capsys.readouterr().out
+
+
+def test_fp16_pool_scores_within_fp16_rounding_of_fp32(assets, tmp_path):
+    """pool_dtype=fp16 (the default on a GPU) holds the shard in half precision: each cosine of
+    unit vectors is then off by at most a few fp16 ulps at 1.0 (2^-10 ~ 1e-3), hence 4e-3."""
+    common = ("retriever=dense", "max_score_ratio=null", "margin=-1.0")
+    mine(compose_mine(*mine_args(assets, tmp_path / "fp32.jsonl", *common)))
+    mine(compose_mine(*mine_args(assets, tmp_path / "fp16.jsonl", *common, "pool_dtype=fp16")))
+    fp32 = {r["query"] + r["positive"]: r for r in read_jsonl(tmp_path / "fp32.jsonl")}
+    fp16 = read_jsonl(tmp_path / "fp16.jsonl")
+    assert len(fp16) == len(fp32) == 40  # margin -1 keeps every candidate: every row is written
+    for row in fp16:
+        np.testing.assert_allclose(row["negative_scores"], fp32[row["query"] + row["positive"]]["negative_scores"],
+                                   atol=4e-3)

@@ -59,7 +59,11 @@ def pool_stats(shard_tokens: list[list[str]]) -> PoolStats:
 
 def _shard_bm25_class():
     import bm25s
-    from bm25s.scoring import _build_idf_array, _build_scores_and_indices_for_matrix, _select_idf_scorer
+    from bm25s.scoring import (
+        _build_idf_array,
+        _build_scores_and_indices_for_matrix,
+        _select_idf_scorer,
+    )
 
     class ShardBM25(bm25s.BM25):
         """bm25s's BM25 over one shard, its scores computed with the whole pool's statistics."""

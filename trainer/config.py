@@ -429,6 +429,17 @@ class Bm25Backend(str, Enum):
     numba = "numba"
 
 
+class PoolDtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class DenseSearch(str, Enum):
+    exact = "exact"
+    faiss = "faiss"
+
+
 class NegativeSampling(str, Enum):
     top = "top"
     random = "random"
@@ -542,6 +553,21 @@ class MineConfig(TeacherKeys):
     embeddings_cache: Optional[str] = None
     """A folder where the candidate documents' embeddings are kept and reused by later runs with the
     same model, texts and settings; null = kept in the output's parts folder until the run ends."""
+    pool_dtype: PoolDtype = PoolDtype.auto
+    """How each rank holds its shard of the pool's embeddings: fp32, or fp16 (half the memory; cosines
+    and rankings then carry fp16's rounding, about 1e-3); auto = fp16 on a GPU, fp32 on a CPU."""
+    search: DenseSearch = DenseSearch.exact
+    """Dense retrieval: exact (every candidate scored, sharded and chunked) or faiss (an approximate
+    index per rank's shard, faiss_index; needs faiss-cpu). The filter's scores are exact either way;
+    with faiss the summary reports recall against exact search on a sample of queries."""
+    faiss_index: str = "HNSW32"
+    """The FAISS index of each shard, as a faiss.index_factory string: HNSW32, IVF4096,Flat, IVF4096,PQ32, ..."""
+    faiss_nprobe: int = 32
+    """IVF indexes: clusters searched per query (more = slower, higher recall)."""
+    faiss_ef_search: int = 256
+    """HNSW indexes: the search's candidate list length (more = slower, higher recall)."""
+    faiss_recall_sample: int = 256
+    """Queries per block also searched exactly, to measure the approximate search's recall (0 = none)."""
     block_rows: int = 16384
     """Input rows mined at a time: each block's rows go to a part file (`<output>.parts/`) when done,
     so a crashed run, run again, resumes at the first missing block. Memory holds one block's

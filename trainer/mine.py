@@ -19,9 +19,12 @@
    `filter_by=teacher` the filter of step 3 judges by the teacher's scores of every candidate
    instead of the model's cosine: the recipe's "ambiguous label" drop, by the stronger model.
 
-Under torchrun every rank embeds its share of the pool and of the queries and searches its share
-of the pool; the ranks' lists are merged exactly, so N ranks write what 1 rank writes. Rank 0
-writes the output (a temporary file renamed when complete).
+At scale: rank 0 reads the input once into memory-mapped files (mine_pool.py); every rank embeds
+its share of the pool and holds and searches only that share (exactly, or with FAISS: ann.py);
+the ranks' lists are merged exactly, so N ranks write what 1 rank writes. The rows are mined a
+block at a time (block_rows): rank 0 writes each block's rows to a part file as it completes,
+with a manifest written last (mine_parts.py), so the same command run again after a crash
+resumes at the first missing block; the output is assembled from the parts when all are done.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 
 from trainer import distributed
+from trainer.ann import ShardANN, recall
 from trainer.bm25 import ranked_lists, shard_index
 from trainer.data import Columns
 from trainer.data.output import check_output
@@ -46,11 +50,20 @@ from trainer.data.sources import file_kind, raw_rows
 from trainer.mine_parts import Parts, file_fingerprint, parts_folder
 from trainer.mine_pool import MiningInput, build
 from trainer.negatives import choose, draw_keys, drop_excluded, fuse
-from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_by_length, score_candidates, topk_search
+from trainer.search import (
+    embed_everywhere,
+    embed_shard,
+    merge_ranks,
+    plan_by_length,
+    score_candidates,
+    topk_search,
+)
 
 QUERY_BLOCK = 8192  # queries searched (and lists gathered) at a time: bounds the gathered top-k lists
+CACHE_CHUNK = 65536  # rows of the embeddings cache written or read per memory map
 INPUT_WAIT = datetime.timedelta(hours=2)  # how long other ranks wait while rank 0 reads the input
-STAT_KEYS = ("rows_in", "rows_out", "candidates", "dropped_by_filter", "positive_sum", "negative_sum")
+STAT_KEYS = ("rows_in", "rows_out", "candidates", "dropped_by_filter", "positive_sum", "negative_sum", "ann_hits",
+             "ann_total")
 
 
 # ------------------------------------------------------------------------------- retrievers
@@ -92,7 +105,7 @@ def embed_pool(embed, pool, batch_size: int, cache_dir: str | Path | None, setti
     if path.exists():
         if distributed.is_main():
             print(f"candidate embeddings from {path}", flush=True)
-        return mine, torch.from_numpy(np.load(path, mmap_mode="r")[mine].copy())
+        return mine, torch.from_numpy(_read_rows(path, mine))
     ids, vectors = embed_shard(embed, pool, plan, desc="embed candidates")
     # Every rank writes its rows into one memory-mapped file (the folder must be one every rank
     # sees), renamed when all have written: a crash never leaves a partial cache.
@@ -101,14 +114,31 @@ def embed_pool(embed, pool, batch_size: int, cache_dir: str | Path | None, setti
         path.parent.mkdir(parents=True, exist_ok=True)
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(pool), vectors.shape[1])).flush()
     distributed.barrier()
-    table = np.load(tmp, mmap_mode="r+")
-    table[ids] = vectors.float().cpu().numpy()
-    table.flush()
-    del table
+    rows = vectors.float().cpu().numpy()
+    for start in range(0, len(ids), CACHE_CHUNK):  # mapped a chunk at a time: its pages leave RSS after each
+        table = np.load(tmp, mmap_mode="r+")
+        table[ids[start : start + CACHE_CHUNK]] = rows[start : start + CACHE_CHUNK]
+        table.flush()
+        del table
     distributed.barrier()
     if distributed.is_main():
         tmp.rename(path)
     return ids, vectors
+
+
+def _read_rows(path: Path, ids: np.ndarray) -> np.ndarray:
+    """Rows ids of a cached .npy table, read a chunk at a time through a short-lived memory map
+    (one mapping of the whole table would count its pages in this process's RSS)."""
+    out = None
+    for start in range(0, len(ids), CACHE_CHUNK):
+        table = np.load(path, mmap_mode="r")
+        if out is None:
+            out = np.empty((len(ids), table.shape[1]), dtype=table.dtype)
+        out[start : start + CACHE_CHUNK] = table[ids[start : start + CACHE_CHUNK]]
+        del table
+    if out is None:
+        return np.zeros((0, np.load(path, mmap_mode="r").shape[1]), dtype=np.float32)
+    return out
 
 
 @dataclass
@@ -125,7 +155,13 @@ class Embedders:
 def load_embedders(cfg, say) -> Embedders:
     from trainer.autochunk import embedding_batch_size, split_on_oom
     from trainer.model import (
-        AUTOCAST_DTYPES, Encoder, ends_with_eos, load_tokenizer, prompt_prefixes, resolve_device, resolve_model_path,
+        AUTOCAST_DTYPES,
+        Encoder,
+        ends_with_eos,
+        load_tokenizer,
+        prompt_prefixes,
+        resolve_device,
+        resolve_model_path,
         text_embedder,
     )
 
@@ -158,8 +194,8 @@ class BlockMiner:
     embeddings and BM25 index). Every method is a collective: all ranks mine the same block."""
 
     def __init__(self, cfg, data: MiningInput, models: Embedders, doc_ids: np.ndarray, docs: torch.Tensor,
-                 bm25, teacher) -> None:
-        self.cfg, self.data, self.models, self.bm25, self.teacher = cfg, data, models, bm25, teacher
+                 bm25, teacher, ann=None) -> None:
+        self.cfg, self.data, self.models, self.bm25, self.teacher, self.ann = cfg, data, models, bm25, teacher, ann
         self.doc_ids, self.docs = torch.as_tensor(doc_ids), docs
         # Enough ranks to fill range_max after the excluded texts of the query with the most.
         self.k = min(data.pool_size, cfg.range_max + data.most_excluded)
@@ -168,17 +204,30 @@ class BlockMiner:
         """Cosines of each query with its pool ids (NaN where -1)."""
         return score_candidates(queries, torch.as_tensor(ids), self.docs, self.doc_ids, self.data.pool_size).cpu().numpy()
 
-    def candidates(self, query_ids: np.ndarray, texts: list[str], queries: torch.Tensor) -> np.ndarray:
-        """Each query's candidates: retrieved, exclusions dropped, fused, cut to range_min..range_max."""
+    def dense(self, queries: torch.Tensor) -> tuple[np.ndarray, dict]:
+        """Each query's dense list, exact or (search=faiss) approximate; with FAISS, the recall of
+        the block's first faiss_recall_sample queries against exact search."""
+        if self.ann is None:
+            return dense_lists(queries, self.docs, self.doc_ids, self.k), {}
+        lists = np.concatenate([merge_ranks(*self.ann.search(queries[q0 : q0 + QUERY_BLOCK], self.k))[1].cpu().numpy()
+                                for q0 in range(0, len(queries), QUERY_BLOCK)])
+        sample = min(self.cfg.faiss_recall_sample, len(queries))
+        hits, total = recall(lists[:sample], dense_lists(queries[:sample], self.docs, self.doc_ids, self.k))
+        return lists, {"ann_hits": hits, "ann_total": total}
+
+    def candidates(self, query_ids: np.ndarray, texts: list[str], queries: torch.Tensor) -> tuple[np.ndarray, dict]:
+        """Each query's candidates: retrieved, exclusions dropped, fused, cut to range_min..range_max;
+        and the approximate search's recall counts, if any."""
         cfg, data = self.cfg, self.data
-        lists = []
+        lists, measured = [], {}
         if cfg.retriever.value in ("dense", "hybrid"):
-            lists.append(dense_lists(queries, self.docs, self.doc_ids, self.k))
+            dense, measured = self.dense(queries)
+            lists.append(dense)
         if cfg.retriever.value in ("bm25", "hybrid"):
             lists.append(ranked_lists(self.bm25, texts, self.k))
         excluded = data.excluded_of(query_ids)
         lists = [drop_excluded(x, query_ids, excluded, data.pool_size, cfg.range_max) for x in lists]
-        return fuse(lists, cfg.rrf_k, cfg.range_max, data.pool_size)[:, cfg.range_min :]
+        return fuse(lists, cfg.rrf_k, cfg.range_max, data.pool_size)[:, cfg.range_min :], measured
 
     def mine(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
         """(chosen pool ids per row, -1 for a row without enough; their cosines; the teacher's
@@ -187,7 +236,7 @@ class BlockMiner:
         query_ids, row_local = np.unique(np.asarray(data.row_query[rows]), return_inverse=True)
         texts = data.queries.take(query_ids)
         queries = embed_everywhere(self.models.embed_queries, texts, self.models.batch_size)
-        candidates = self.candidates(query_ids, texts, queries)
+        candidates, measured = self.candidates(query_ids, texts, queries)
         row_queries, row_candidates = queries[torch.as_tensor(row_local)], candidates[row_local]
         positive_ids = np.asarray(data.row_positive[rows])
         positive_scores = self.cosines(row_queries, positive_ids[:, None])[:, 0]
@@ -206,7 +255,7 @@ class BlockMiner:
         kept = chosen[:, 0] >= 0
         stats = {"rows_in": len(rows), "rows_out": int(kept.sum()), "candidates": int((row_candidates >= 0).sum()),
                  "dropped_by_filter": dropped, "positive_sum": float(positive_scores.astype(np.float64).sum()),
-                 "negative_sum": float(chosen_scores[kept].astype(np.float64).sum())}
+                 "negative_sum": float(chosen_scores[kept].astype(np.float64).sum()), **measured}
         return chosen, chosen_scores, teacher_scores, stats
 
     def teacher_scores(self, texts: list[str], row_query: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -270,6 +319,14 @@ def _check_settings(cfg) -> None:
 NOT_IN_FINGERPRINT = ("output", "overwrite", "embeddings_cache", "bm25_backend", "device", "batch_size")
 
 
+def pool_dtype(cfg, device: torch.device) -> torch.dtype:
+    """The dtype the pool's shard is held and searched in (pool_dtype)."""
+    name = cfg.pool_dtype.value
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "fp32"
+    return torch.float16 if name == "fp16" else torch.float32
+
+
 def run_fingerprint(cfg, models: Embedders) -> dict:
     """What the output is a function of: input and corpus files, the model and every setting."""
     from omegaconf import OmegaConf
@@ -319,8 +376,12 @@ def mine(cfg) -> dict:
     bm25 = None
     if cfg.retriever.value in ("bm25", "hybrid"):
         bm25 = shard_index(data.pool, cfg.bm25_backend.value, len(data.queries))
+    ann = None
+    if cfg.retriever.value in ("dense", "hybrid") and cfg.search.value == "faiss":
+        ann = ShardANN(docs, doc_ids, cfg.faiss_index, cfg.faiss_nprobe, cfg.faiss_ef_search)
     teacher = load_teacher(cfg, models.device) if cfg.teacher else None
-    miner = BlockMiner(cfg, data, models, doc_ids, docs.to(models.device), bm25, teacher)
+    miner = BlockMiner(cfg, data, models, doc_ids, docs.to(models.device, pool_dtype(cfg, models.device)), bm25,
+                       teacher, ann)
     totals = mine_blocks(cfg, columns, miner, blocks, done, folder)
     summary = finish(cfg, folder, blocks, totals, started)
     say(
@@ -330,6 +391,9 @@ def mine(cfg) -> dict:
         f"mean cosine positive {summary['mean_positive_score']:.4f}, negatives {summary['mean_negative_score']:.4f}; "
         f"{summary['seconds']:.1f} s ({summary['pairs_per_s']:.1f} pairs/s); wrote {cfg.output}"
     )
+    if "faiss_recall" in summary:
+        say(f"faiss ({cfg.faiss_index}) recall@{miner.k} against exact search: {summary['faiss_recall']:.4f} "
+            f"({totals['ann_total']} ids of the exact lists of up to {cfg.faiss_recall_sample} queries per block)")
     return summary
 
 
@@ -352,7 +416,7 @@ def mine_blocks(cfg, columns: Columns, miner: BlockMiner, blocks: int, done: dic
                 parts.write_block(block, output_lines(input_rows, columns, miner.data.pool, chosen, chosen_scores,
                                                       teacher_scores), stats)
         for key in STAT_KEYS:
-            totals[key] += stats[key]
+            totals[key] += stats.get(key, 0)
     return totals
 
 
@@ -368,6 +432,8 @@ def finish(cfg, folder: Path, blocks: int, totals: dict, started: float) -> dict
         "mean_positive_score": totals["positive_sum"] / max(totals["rows_in"], 1),
         "mean_negative_score": totals["negative_sum"] / (rows_out * cfg.num_negatives) if rows_out else float("nan"),
     }
+    if totals["ann_total"]:
+        summary["faiss_recall"] = totals["ann_hits"] / totals["ann_total"]
     distributed.barrier()
     if distributed.is_main():
         parts = Parts.load(folder)

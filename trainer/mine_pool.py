@@ -143,7 +143,7 @@ class MiningInput:
     @classmethod
     def open(cls, folder: Path) -> MiningInput:
         sizes = json.loads((folder / DONE_FILE).read_text())
-        load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")
         return cls(sizes["rows"], sizes["pool"], sizes["most_excluded"], TextStore(folder / "pool.arrow"),
                    TextStore(folder / "queries.arrow"), load("row_query"), load("row_positive"), load("excluded"))
 

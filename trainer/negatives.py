@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def drop_excluded(lists: np.ndarray, query_ids: np.ndarray, excluded: np.ndarray, pool_size: int, keep: int) -> np.ndarray:
     """Each row (query query_ids[i]) of ranked pool ids (-1 = none) without its excluded texts
     (keys query_id * pool_size + pool_id), order kept, cut to `keep` and padded with -1."""

@@ -2,13 +2,14 @@
 
 Mining at scale needs the candidate pool's texts on every rank (to embed and index its shard, to
 write the chosen negatives), but holding them as Python strings costs about 1 GB per million
-texts on every rank. A memory-mapped Arrow file costs the pages actually read, shared by every
+texts on every rank. A memory-mapped Arrow file costs the pages being read, shared by every
 process on the machine, and is written once, batch by batch, without holding all texts at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,45 +33,58 @@ def write_texts(path: str | Path, batches: Iterable[list[str]]) -> int:
 
 
 class TextStore:
-    """The texts of a write_texts file, by id (their order in the file), memory-mapped."""
+    """The texts of a write_texts file, by id (their order in the file). Each read maps the file
+    for its own duration: pages read stay in the OS's cache, shared by every process, but leave
+    this process's resident memory when the read is done, however many ids it has read so far."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._chunks = pa.ipc.open_file(pa.memory_map(str(self.path))).read_all().column("text").chunks
-        self._starts = np.cumsum([0] + [len(c) for c in self._chunks]).astype(np.int64)
+        with self._reader() as reader:
+            sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+        self._starts = np.cumsum([0, *sizes]).astype(np.int64)
+
+    @contextmanager
+    def _reader(self) -> Iterator[pa.ipc.RecordBatchFileReader]:
+        with pa.memory_map(str(self.path)) as source:
+            yield pa.ipc.open_file(source)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def __getitem__(self, i: int) -> str:
-        chunk = int(np.searchsorted(self._starts, i, side="right")) - 1
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return self._chunks[chunk][i - int(self._starts[chunk])].as_py()
+        return self.take([i])[0]
 
     def take(self, ids: Iterable[int] | np.ndarray) -> list[str]:
-        """The texts of ids, in that order. Each chunk is read with one take: pyarrow's take on a
-        chunked column would first concatenate the whole column into memory."""
+        """The texts of ids, in that order. Each stored batch is read with one take: pyarrow's take
+        on a chunked column would first concatenate the whole column into memory."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
             raise IndexError(f"ids outside 0..{len(self) - 1}")
         out: list[str | None] = [None] * len(ids)
-        chunk_of = np.searchsorted(self._starts, ids, side="right") - 1
-        for chunk in np.unique(chunk_of):
-            where = np.flatnonzero(chunk_of == chunk)
-            texts = self._chunks[chunk].take(pa.array(ids[where] - self._starts[chunk])).to_pylist()
-            for position, text in zip(where.tolist(), texts):
-                out[position] = text
+        batch_of = np.searchsorted(self._starts, ids, side="right") - 1
+        with self._reader() as reader:
+            for batch in np.unique(batch_of):
+                where = np.flatnonzero(batch_of == batch)
+                column = reader.get_batch(int(batch)).column(0)
+                texts = column.take(pa.array(ids[where] - self._starts[batch])).to_pylist()
+                for position, text in zip(where.tolist(), texts):
+                    out[position] = text
         return out  # type: ignore[return-value]
 
     def lengths(self) -> np.ndarray:
         """Each text's length in characters (code points, as Python's len)."""
         import pyarrow.compute as pc
 
-        parts = [pc.utf8_length(c).to_numpy(zero_copy_only=False) for c in self._chunks]
+        with self._reader() as reader:
+            parts = [pc.utf8_length(reader.get_batch(i).column(0)).to_numpy(zero_copy_only=False)
+                     for i in range(reader.num_record_batches)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def batches(self) -> Iterator[list[str]]:
         """The texts in order, one stored batch at a time."""
-        for chunk in self._chunks:
-            yield chunk.to_pylist()
+        for i in range(len(self._starts) - 1):
+            with self._reader() as reader:
+                texts = reader.get_batch(i).column(0).to_pylist()
+            yield texts
