@@ -20,6 +20,7 @@ mined twice (a part file written but not yet counted by the manifest when it die
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -37,15 +38,18 @@ sys.path.insert(0, str(REPO))
 
 
 def write_input(path: Path, rows: int, seed: int = 0) -> Path:
-    """Rows whose query is 4 words of its positive (12 words; 120-word vocabulary): every positive
-    distinct, queries mostly distinct."""
+    """Rows whose positive is 12 words drawn from a Zipfian vocabulary of 50,000 words (the tiny
+    model's 120 first, the rest unknown to its tokenizer) and whose query is 4 of those words:
+    text-like term statistics, so that BM25's postings are as sparse as with real text."""
     from tests.tiny import WORDS
 
     rng = random.Random(seed)
+    vocabulary = WORDS + [f"v{i}" for i in range(50000 - len(WORDS))]
+    cumulative = list(itertools.accumulate(1.0 / (rank + 10) for rank in range(len(vocabulary))))
     with open(path, "w") as handle:
         for i in range(rows):
-            words = rng.choices(WORDS, k=12)
-            handle.write(json.dumps({"query": " ".join(rng.sample(words, 4)), "positive": " ".join(words) + f" w{i % 120}"}) + "\n")
+            words = rng.choices(vocabulary, cum_weights=cumulative, k=12)
+            handle.write(json.dumps({"query": " ".join(rng.sample(words, 4)), "positive": " ".join(words) + f" n{i}"}) + "\n")
     return path
 
 
@@ -148,7 +152,7 @@ def main() -> None:
         root = Path(tmp)
         model = write_tiny_model(root / "model")
         baseline = baseline_repo(root, args.baseline_rev) if args.baseline_rev else None
-        print(f"retriever {args.retriever}; tiny random BERT (hidden 32, 2 layers); pool = the positives; "
+        print(f"retriever {args.retriever}; tiny random BERT (hidden 32, 2 layers); pool = the positives; Zipfian words; "
               f"{os.cpu_count()} CPU cores")
         print("| tool | rows | ranks | wall s | CPU s (all ranks) | peak RSS per rank GiB | rows/s |")
         print("|---|---:|---:|---:|---:|---:|---:|")

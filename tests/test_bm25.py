@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.bm25 import ShardIndex, _canonical, bm25_lists, pool_stats, tokenize
+from trainer.bm25 import ShardIndex, _canonical, bm25_lists, pool_stats, shard_tokens, tokenize
 from trainer.search import merge_ranks
 
 WORDS = [f"term{i}" for i in range(40)]
@@ -37,7 +37,7 @@ def test_shards_with_the_pools_statistics_score_as_one_index_and_merge_exactly()
     # A rare term (one hit, then none) and a query with no known term (no hit at all) as well.
     pool, queries = texts(299, seed=0) + ["rare term2"], texts(50, seed=1, words=3) + ["rare", "unheard"]
     expected_scores, expected_ids = brute_force(pool, queries, k=20)
-    stats = pool_stats(tokenize(pool))  # one process: the whole pool's
+    stats = pool_stats(shard_tokens(pool))  # one process: the whole pool's
     bounds = [0, 97, 210, 300]
     shards = [ShardIndex(pool[a:b], np.arange(a, b), stats=stats) for a, b in zip(bounds, bounds[1:])]
     results = [shard.search(tokenize(queries), 20) for shard in shards]

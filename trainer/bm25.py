@@ -18,6 +18,7 @@ import importlib.util
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,6 +36,45 @@ def tokenize(texts: Sequence[str]) -> list[list[str]]:
     return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
 
 
+TOKENIZE_CHUNK = 50000  # texts tokenised at a time: bounds the Python lists of tokens alive at once
+
+
+class ShardTokens:
+    """A shard's texts as term ids: one flat int32 array, each text's span of it, the vocabulary.
+    Python lists of tokens cost about 100 bytes a token and, freed, leave the process's memory
+    fragmented; these arrays cost 4 bytes a token. Reads as a sequence of per-text id lists."""
+
+    def __init__(self, chunks) -> None:
+        vocab: dict[str, int] = {}
+        flats, lengths = [], []
+        for texts in chunks:
+            docs = tokenize(texts)
+            flats.append(np.array([vocab.setdefault(t, len(vocab)) for doc in docs for t in doc], dtype=np.int32))
+            lengths.append(np.array([len(doc) for doc in docs], dtype=np.int64))
+        self.vocab = vocab
+        self.flat = np.concatenate(flats) if flats else np.zeros(0, dtype=np.int32)
+        self.offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]) if lengths else np.zeros(1, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]].tolist()
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def doc_freqs(self) -> np.ndarray:
+        """Per term id, how many of the texts hold it."""
+        size = max(len(self.vocab), 1)
+        text = np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.offsets))
+        return np.bincount(np.unique(text * size + self.flat) % size, minlength=len(self.vocab))
+
+
+def shard_tokens(texts: Sequence[str]) -> ShardTokens:
+    return ShardTokens(texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK))
+
+
 @dataclass(frozen=True)
 class PoolStats:
     """BM25's corpus statistics of the whole pool."""
@@ -44,9 +84,9 @@ class PoolStats:
     doc_freqs: dict[str, int]
 
 
-def pool_stats(shard_tokens: list[list[str]]) -> PoolStats:
+def pool_stats(tokens: ShardTokens) -> PoolStats:
     """The pool's statistics from every rank's share (a collective)."""
-    local = (len(shard_tokens), sum(len(doc) for doc in shard_tokens), Counter(t for doc in shard_tokens for t in set(doc)))
+    local = (len(tokens), int(tokens.offsets[-1]), dict(zip(tokens.vocab, tokens.doc_freqs().tolist())))
     parts = distributed.all_gather_object(local) if distributed.world_size() > 1 else [local]
     n_docs, total = sum(p[0] for p in parts), sum(p[1] for p in parts)
     freqs: Counter = Counter()
@@ -74,12 +114,12 @@ def _shard_bm25_class():
                 raise ValueError(f"BM25 method {self.method} is not supported over a sharded pool")
             self.stats = stats
 
-        def index_shard(self, tokens: list[list[str]]) -> None:
-            vocab = {term: i for i, term in enumerate(sorted({t for doc in tokens for t in doc}))}
+        def index_shard(self, tokens: ShardTokens) -> None:
+            vocab = dict(tokens.vocab)
             self.pool_freqs = {i: self.stats.doc_freqs[term] for term, i in vocab.items()}
-            ids = [[vocab[t] for t in doc] for doc in tokens]
-            self.shard_freqs = dict(Counter(i for doc in ids for i in set(doc)))  # sizes bm25s's arrays
-            self.index((ids, vocab), show_progress=False)
+            self.shard_freqs = dict(enumerate(tokens.doc_freqs().tolist()))  # sizes bm25s's arrays
+            # bm25s's "object" form (ids, vocab): its tuple form insists on a list of lists.
+            self.index(SimpleNamespace(ids=tokens, vocab=vocab), show_progress=False)
 
         def build_index_from_ids(self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False):
             # bm25s's own steps (the extension point its docstring offers), with the pool's N,
@@ -113,9 +153,9 @@ def choose_backend(name: str, queries: int) -> str:
 class ShardIndex:
     """This rank's share of the pool (texts shard_ids of it), indexed with the pool's statistics."""
 
-    def __init__(self, shard_texts: Sequence[str], shard_ids: np.ndarray, backend: str = "numpy", threads: int = 1,
-                 stats: PoolStats | None = None) -> None:
-        tokens = tokenize(shard_texts)
+    def __init__(self, shard_texts: Sequence[str] | ShardTokens, shard_ids: np.ndarray, backend: str = "numpy",
+                 threads: int = 1, stats: PoolStats | None = None) -> None:
+        tokens = shard_texts if isinstance(shard_texts, ShardTokens) else shard_tokens(shard_texts)
         stats = stats or pool_stats(tokens)  # a collective: every rank builds its index at once
         self.ids = np.asarray(shard_ids, dtype=np.int64)
         self.threads = threads
@@ -170,8 +210,9 @@ def shard_index(pool: Sequence[str], backend: str = "auto", queries: int = 0) ->
     world, rank = distributed.world_size(), distributed.rank()
     bounds = np.linspace(0, len(pool), world + 1).astype(np.int64)
     shard_ids = np.arange(bounds[rank], bounds[rank + 1])
-    texts = pool.take(shard_ids) if hasattr(pool, "take") else [pool[i] for i in shard_ids]
-    return ShardIndex(texts, shard_ids, choose_backend(backend, queries), threads=max(1, torch.get_num_threads()))
+    read = pool.take if hasattr(pool, "take") else (lambda ids: [pool[i] for i in ids])
+    tokens = ShardTokens(read(shard_ids[i : i + TOKENIZE_CHUNK]) for i in range(0, len(shard_ids), TOKENIZE_CHUNK))
+    return ShardIndex(tokens, shard_ids, choose_backend(backend, queries), threads=max(1, torch.get_num_threads()))
 
 
 def ranked_lists(index: ShardIndex, queries: Sequence[str], k: int) -> np.ndarray:
