@@ -42,7 +42,7 @@ import torch
 
 from trainer import distributed
 from trainer.ann import ShardANN, recall
-from trainer.bm25 import ranked_lists, shard_index
+from trainer.bm25 import ranked_lists, release_freed_memory, shard_index
 from trainer.data import Columns
 from trainer.data.output import check_output
 from trainer.data.records import FLAG_SCORES
@@ -346,6 +346,7 @@ def prepare(cfg, columns: Columns, fingerprint: dict) -> dict[int, dict]:
     if not (parts.folder / "input" / "pool.json").exists():
         (parts.folder / "input").mkdir(exist_ok=True)
         build(parts.folder / "input", cfg.input, columns, cfg.corpus)
+        release_freed_memory()
     if not parts.started:
         parts.save_manifest()
     return parts.done
