@@ -101,10 +101,13 @@ def killed_and_resumed(root: Path, rows: int, retriever: str, model: Path, expec
     data, output = root / f"pairs-{rows}.jsonl", root / f"killed-{rows}.jsonl"
     cmd, env = command(rows, 1, data, output, retriever, model, root / "report-killed")
     manifest = output.with_name(output.name + ".parts") / "manifest.json"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # The worker itself, without torchrun (one process needs none): torchrun starts its workers
+    # in sessions of their own, where killing torchrun's would leave the worker running.
+    worker_cmd = [sys.executable, *cmd[cmd.index(str(Path(__file__).resolve())) :]]
+    proc = subprocess.Popen(worker_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None:
         if manifest.exists() and len(json.loads(manifest.read_text())["done"]) >= 2:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     proc.wait()

@@ -366,3 +366,18 @@ def test_fp16_pool_scores_within_fp16_rounding_of_fp32(assets, tmp_path):
     for row in fp16:
         np.testing.assert_allclose(row["negative_scores"], fp32[row["query"] + row["positive"]]["negative_scores"],
                                    atol=4e-3)
+
+
+def test_a_second_live_run_of_the_same_output_is_refused(assets, tmp_path):
+    """Another process mining the same output holds its lock (flock): this run stops with one
+    line before touching the parts, which the other would otherwise lose."""
+    import fcntl
+
+    output = tmp_path / "mined.jsonl"
+    with open(tmp_path / "mined.jsonl.parts.lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another mining run of this output is still running"):
+            mine(compose_mine(*mine_args(assets, output)))
+        fcntl.flock(other, fcntl.LOCK_UN)
+    mine(compose_mine(*mine_args(assets, output)))  # free again: it runs, and cleans up after itself
+    assert output.exists() and not list(tmp_path.glob("mined.jsonl.parts*"))

@@ -372,11 +372,11 @@ def mine(cfg) -> dict:
         f"{cfg.retriever.value}, ranks {cfg.range_min}..{cfg.range_max}, {distributed.world_size()} rank(s), "
         f"{blocks} block(s) of {cfg.block_rows} rows" + (f"; resuming: {len(done)} done" if done else ""))
 
-    doc_ids, docs = embed_pool(models.embed_docs, data.pool, models.batch_size, cfg.embeddings_cache or folder,
-                               models.settings)
-    bm25 = None
+    bm25 = None  # indexed first: its build's transient peak (~3x the index) then meets no embeddings
     if cfg.retriever.value in ("bm25", "hybrid"):
         bm25 = shard_index(data.pool, cfg.bm25_backend.value, len(data.queries))
+    doc_ids, docs = embed_pool(models.embed_docs, data.pool, models.batch_size, cfg.embeddings_cache or folder,
+                               models.settings)
     ann = None
     if cfg.retriever.value in ("dense", "hybrid") and cfg.search.value == "faiss":
         ann = ShardANN(docs, doc_ids, cfg.faiss_index, cfg.faiss_nprobe, cfg.faiss_ef_search)

@@ -36,6 +36,33 @@ def file_fingerprint(path: str | Path) -> list:
     return [str(p.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
+_held_locks: dict[Path, object] = {}
+
+
+def _hold_lock(folder: Path) -> None:
+    """An exclusive lock on `<folder>.lock` for this process's life (flock: the kernel releases it
+    when the process dies, even by SIGKILL, so a crashed run never leaves a stale lock)."""
+    import fcntl
+
+    path = folder.with_name(folder.name + ".lock")
+    if path in _held_locks:
+        return
+    handle = open(path, "a")  # noqa: SIM115 (held open until the process ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"{path} is held: another mining run of this output is still running") from None
+    _held_locks[path] = handle
+
+
+def release_lock(folder: Path) -> None:
+    handle = _held_locks.pop(folder.with_name(folder.name + ".lock"), None)
+    if handle is not None:
+        Path(handle.name).unlink(missing_ok=True)
+        handle.close()
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -61,7 +88,9 @@ class Parts:
     @classmethod
     def open(cls, folder: Path, fingerprint: dict, overwrite: bool) -> Parts:
         """Resume from folder when its manifest has this fingerprint; else start it afresh (a folder
-        without a manifest died before its first block), or refuse one of another run."""
+        without a manifest died before its first block), or refuse one of another run. First, the
+        folder's lock: a second run of the same output, still alive, would remove its parts."""
+        _hold_lock(folder)
         if (folder / MANIFEST).exists():
             saved = cls.load(folder)
             if saved.fingerprint == fingerprint:
@@ -119,3 +148,4 @@ class Parts:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        release_lock(self.folder)
