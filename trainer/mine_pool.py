@@ -17,6 +17,7 @@ a batch at a time, through the same Arrow path training uses.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ def build(folder: Path, input_path: str, columns: Columns, corpus) -> None:
             yield [t for t, k in zip(texts, keep) if k]
             start += len(texts)
 
-    pool_size = write_texts(folder / "pool.arrow", _chain(
+    pool_size = write_texts(folder / "pool.arrow", itertools.chain(
         firsts((t.column("positive").to_pylist() for t in text_batches(input_path, columns)), pool_first[:rows]),
         firsts(corpus_batches(corpus), pool_first[rows:])))
     write_texts(folder / "queries.arrow",
@@ -120,11 +121,6 @@ def build(folder: Path, input_path: str, columns: Columns, corpus) -> None:
     per_query = np.bincount(excluded // pool_size, minlength=int(query_first.sum()))
     sizes = {"rows": rows, "queries": int(query_first.sum()), "pool": pool_size, "most_excluded": int(per_query.max())}
     (folder / DONE_FILE).write_text(json.dumps(sizes))
-
-
-def _chain(*iterators):
-    for iterator in iterators:
-        yield from iterator
 
 
 @dataclass
