@@ -59,7 +59,11 @@ def wait_until_done(job_id: str, timeout: float = 300) -> str:
 
 
 def job_output(workdir: Path, job_id: str) -> str:
-    return (workdir / f"slurm-{job_id}.out").read_text().replace("\r", "\n")
+    # The log is read while the job may still write it (the test polls it for a
+    # line): a multi-byte character of a progress bar can be cut mid-write, so
+    # undecodable bytes are replaced rather than failing the read.
+    text = (workdir / f"slurm-{job_id}.out").read_text(errors="replace")
+    return text.replace("\r", "\n")
 
 
 def args_for(assets, steps: int) -> list[str]:
@@ -130,7 +134,7 @@ def test_submitit_sweep_runs_each_point_as_a_two_rank_job_and_summarises(slurm, 
     proc = launch_sweep(tmp_path, sweep, args, "loss.temperature=0.05,0.1", "data.batch_size=8,16")
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-4000:]
-    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out"))
+    logs = "".join(p.read_text(errors="replace") for p in (sweep / ".submitit").glob("*/*_log.out"))
     assert logs.count("over 2 rank(s)") == 4  # four Slurm jobs, each of two ranks (one speaking)
     for n in range(4):
         assert [m["step"] for m in metrics(sweep / str(n))] == [1, 2]
@@ -156,7 +160,7 @@ def test_submitit_job_warned_mid_run_requeues_and_resumes(uninterrupted, assets,
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     assert wait_until_done(job) == "COMPLETED"
     assert proc.wait(timeout=120) == 0
-    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_0_log.out")).replace("\r", "\n")
+    logs = "".join(p.read_text(errors="replace") for p in (sweep / ".submitit").glob("*/*_0_log.out")).replace("\r", "\n")
     stopped = re.findall(r"stopped after step (\d+) on a stop signal", logs)
     assert len(stopped) == 1 and f"checkpoints/step-{stopped[0]} (step {stopped[0]})" in logs, logs[-3000:]
     assert job_field(job, "Restarts") == "1"  # submitit requeued it
