@@ -77,3 +77,30 @@ def test_bm25_lists_of_one_process_equal_brute_force_in_blocks():
     np.testing.assert_array_equal(bm25_lists(queries, pool, 15, backend="numpy", query_block=16), expected)
     _, merged = merge_ranks(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int64))  # one rank: as given
     assert merged.shape == (2, 3)
+
+
+@pytest.mark.parametrize("method", ["lucene", "robertson", "atire"])
+def test_chunked_score_matrix_equals_bm25s_own_index_bit_for_bit(method, monkeypatch):
+    """The score matrix built a chunk of texts at a time (trainer/bm25_matrix.py; chunks of 7 texts,
+    so a chunk ends mid-column) against plain bm25s indexing the whole pool itself: every term's
+    column holds the same texts in the same order with the same float32 scores."""
+    import bm25s
+
+    from trainer import bm25_matrix
+    from trainer.bm25 import _shard_bm25_class
+
+    monkeypatch.setattr(bm25_matrix, "CHUNK_TEXTS", 7)
+    pool = texts(120, seed=7) + ["", "the a"]  # texts without a term (empty, all stop words) too
+    tokens = shard_tokens(pool)
+    ours = _shard_bm25_class()(pool_stats(tokens), method=method)
+    ours.index_shard(tokens)
+    plain = bm25s.BM25(method=method)
+    plain.index(bm25s.tokenize(pool, stopwords="en", show_progress=False), show_progress=False)
+    terms = [t for t in plain.vocab_dict if t]
+    assert sorted(terms) == sorted(t for t in ours.vocab_dict if t)
+    for term in terms:
+        column = [index.scores["indptr"][index.vocab_dict[term] + j] for index in (ours, plain) for j in (0, 1)]
+        ours_slice, plain_slice = slice(*column[:2]), slice(*column[2:])
+        np.testing.assert_array_equal(ours.scores["indices"][ours_slice], plain.scores["indices"][plain_slice])
+        np.testing.assert_array_equal(ours.scores["data"][ours_slice], plain.scores["data"][plain_slice])
+    assert len(ours.scores["data"]) == len(plain.scores["data"]) and ours.scores["data"].dtype == np.float32

@@ -18,12 +18,14 @@ import importlib.util
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from trainer import distributed
+from trainer.bm25_matrix import score_matrix
 from trainer.search import merge_ranks
 
 SLACK = 16  # extra candidates fetched per shard, so that ties at the cut rarely need a second look
@@ -134,11 +136,7 @@ def pool_stats(tokens: ShardTokens) -> PoolStats:
 
 def _shard_bm25_class():
     import bm25s
-    from bm25s.scoring import (
-        _build_idf_array,
-        _build_scores_and_indices_for_matrix,
-        _select_idf_scorer,
-    )
+    from bm25s.scoring import _build_idf_array, _select_idf_scorer, _select_tfc_scorer
 
     class ShardBM25(bm25s.BM25):
         """bm25s's BM25 over one shard, its scores computed with the whole pool's statistics."""
@@ -152,28 +150,22 @@ def _shard_bm25_class():
         def index_shard(self, tokens: ShardTokens) -> None:
             vocab = dict(tokens.vocab)
             self.pool_freqs = {i: self.stats.doc_freqs[term] for term, i in vocab.items()}
-            self.shard_freqs = dict(enumerate(tokens.doc_freqs().tolist()))  # sizes bm25s's arrays
             # bm25s's "object" form (ids, vocab): its tuple form insists on a list of lists.
             self.index(SimpleNamespace(ids=tokens, vocab=vocab), show_progress=False)
-            # Retrieval needs none of these: a dictionary per term each (~100 MB per million terms).
-            del self.pool_freqs, self.shard_freqs
+            # Retrieval needs neither: a dictionary per term (~100 MB per million terms) and the statistics.
+            del self.pool_freqs
             self.stats = None
 
         def build_index_from_ids(self, unique_token_ids, corpus_token_ids, show_progress=True, leave_progress=False):
-            # bm25s's own steps (the extension point its docstring offers), with the pool's N,
-            # mean length and document frequencies in place of the shard's.
+            # bm25s's extension point, with the pool's N, mean length and document frequencies in
+            # place of the shard's, and the score matrix built a chunk of texts at a time.
             self.nonoccurrence_array = None  # the Lucene and Robertson variants have none
             idf = _build_idf_array(doc_frequencies=self.pool_freqs, n_docs=self.stats.n_docs,
                                    compute_idf_fn=_select_idf_scorer(self.idf_method), dtype=self.dtype)
-            scores, docs, terms = _build_scores_and_indices_for_matrix(
-                corpus_token_ids=corpus_token_ids, idf_array=idf, avg_doc_len=self.stats.mean_length,
-                doc_frequencies=self.shard_freqs, k1=self.k1, b=self.b, delta=self.delta, show_progress=False,
-                leave_progress=False, dtype=self.dtype, int_dtype=self.int_dtype, method=self.method,
-                nonoccurrence_array=None,
-            )
-            data, indices, indptr = self._np_csc(data=scores, rows=docs, cols=terms,
-                                                 shape=(len(corpus_token_ids), len(unique_token_ids)))
-            return {"data": data.astype(self.dtype), "indices": indices, "indptr": indptr, "num_docs": len(corpus_token_ids)}
+            tfc = partial(_select_tfc_scorer(self.method), l_avg=self.stats.mean_length, k1=self.k1, b=self.b,
+                          delta=self.delta)
+            tokens = corpus_token_ids
+            return score_matrix(tokens.flat, tokens.offsets, tokens.doc_freqs(), idf, tfc, self.dtype, self.int_dtype)
 
     return ShardBM25
 
