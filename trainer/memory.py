@@ -49,6 +49,19 @@ def _glibc():
 _LIBC = _glibc()
 
 
+def release_freed_memory() -> None:
+    """Hand the free pages of the process's heaps back to the OS: glibc's (malloc_trim) and Arrow's
+    memory pool (mimalloc by default), which keep what was freed for reuse, counted in RSS for the
+    rest of the run. Reading 1M pairs through Arrow or tokenising 1M texts frees hundreds of MB of
+    small objects; without this, 100-400 MB of them stayed resident."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    import sys
+
+    if "pyarrow" in sys.modules:  # Arrow's pool, if Arrow was ever used
+        sys.modules["pyarrow"].default_memory_pool().release_unused()
+
+
 def _proc_status(field: str) -> int | None:
     """A `kB` field of /proc/self/status in bytes (None off Linux)."""
     try:

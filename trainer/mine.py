@@ -42,11 +42,12 @@ import torch
 
 from trainer import distributed
 from trainer.ann import ShardANN, recall
-from trainer.bm25 import ranked_lists, release_freed_memory, shard_index
+from trainer.bm25 import ranked_lists, shard_index
 from trainer.data import Columns
 from trainer.data.output import check_output
 from trainer.data.records import FLAG_SCORES
 from trainer.data.sources import file_kind, raw_rows
+from trainer.memory import release_freed_memory
 from trainer.mine_parts import Parts, file_fingerprint, parts_folder
 from trainer.mine_pool import MiningInput, build
 from trainer.negatives import choose, draw_keys, drop_excluded, fuse
@@ -233,12 +234,12 @@ class BlockMiner:
         """(chosen pool ids per row, -1 for a row without enough; their cosines; the teacher's
         scores of [positive] + chosen or None; the block's counts)."""
         cfg, data = self.cfg, self.data
-        query_ids, row_local = np.unique(np.asarray(data.row_query[rows]), return_inverse=True)
+        query_ids, row_local = np.unique(data.row_query[rows], return_inverse=True)
         texts = data.queries.take(query_ids)
         queries = embed_everywhere(self.models.embed_queries, texts, self.models.batch_size)
         candidates, measured = self.candidates(query_ids, texts, queries)
         row_queries, row_candidates = queries[torch.as_tensor(row_local)], candidates[row_local]
-        positive_ids = np.asarray(data.row_positive[rows])
+        positive_ids = data.row_positive[rows]
         positive_scores = self.cosines(row_queries, positive_ids[:, None])[:, 0]
         judge, judge_positive = self.cosines(queries, candidates)[row_local], positive_scores
         if cfg.filter_by.value == "teacher":
@@ -377,6 +378,7 @@ def mine(cfg) -> dict:
         bm25 = shard_index(data.pool, cfg.bm25_backend.value, len(data.queries))
     doc_ids, docs = embed_pool(models.embed_docs, data.pool, models.batch_size, cfg.embeddings_cache or folder,
                                models.settings)
+    release_freed_memory()  # the batches' activations and the shard's pieces, freed before its concatenation
     ann = None
     if cfg.retriever.value in ("dense", "hybrid") and cfg.search.value == "faiss":
         ann = ShardANN(docs, doc_ids, cfg.faiss_index, cfg.faiss_nprobe, cfg.faiss_ef_search)

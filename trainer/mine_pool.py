@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,23 +124,49 @@ def build(folder: Path, input_path: str, columns: Columns, corpus) -> None:
     (folder / DONE_FILE).write_text(json.dumps(sizes))
 
 
+class MappedArray:
+    """A .npy file read through a memory map that lives for one read only. A map held for the
+    whole run would count every page ever read in this process's RSS: the row arrays are read a
+    block at a time, so by the end, all of them (O(rows), 240 MB at 10M rows)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with self.mapped() as table:
+            self.shape, self.dtype = table.shape, table.dtype
+
+    @contextmanager
+    def mapped(self) -> Iterator[np.ndarray]:
+        table = np.load(self.path, mmap_mode="r")
+        try:
+            yield table
+        finally:
+            del table  # the last reference: the map closes, its pages leave RSS
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        with self.mapped() as table:
+            return np.array(table[index])  # a copy: no view may outlive the map
+
+
 @dataclass
 class MiningInput:
-    """The files of build(), memory-mapped."""
+    """The files of build(), each read through a short-lived memory map."""
 
     rows: int
     pool_size: int
     most_excluded: int  # the most (query, text) pairs excluded for one query
     pool: TextStore
     queries: TextStore
-    row_query: np.ndarray
-    row_positive: np.ndarray
-    excluded: np.ndarray
+    row_query: MappedArray
+    row_positive: MappedArray
+    excluded: MappedArray
 
     @classmethod
     def open(cls, folder: Path) -> MiningInput:
         sizes = json.loads((folder / DONE_FILE).read_text())
-        load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")
+        load = lambda name: MappedArray(folder / f"{name}.npy")
         return cls(sizes["rows"], sizes["pool"], sizes["most_excluded"], TextStore(folder / "pool.arrow"),
                    TextStore(folder / "queries.arrow"), load("row_query"), load("row_positive"), load("excluded"))
 
@@ -147,7 +174,8 @@ class MiningInput:
         """The excluded keys of these queries (sorted distinct ids), sorted: each query's run of
         the sorted keys, found by binary search (a block never reads the whole array)."""
         query_ids = np.asarray(query_ids, dtype=np.int64)
-        lo = np.searchsorted(self.excluded, query_ids * self.pool_size)
-        counts = np.searchsorted(self.excluded, (query_ids + 1) * self.pool_size) - lo
-        offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts)
-        return np.asarray(self.excluded[offsets + np.arange(int(counts.sum()))])
+        with self.excluded.mapped() as excluded:
+            lo = np.searchsorted(excluded, query_ids * self.pool_size)
+            counts = np.searchsorted(excluded, (query_ids + 1) * self.pool_size) - lo
+            offsets = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+            return np.array(excluded[offsets + np.arange(int(counts.sum()))])
