@@ -3,7 +3,7 @@ is cheap and retrieval, filtering and bookkeeping are what is measured), per siz
 ranks: wall time, CPU seconds (all ranks), peak RSS per rank and the output rate.
 
     python bench/mine_scale.py --sizes 100000 1000000 --nproc 1 2 [--retriever hybrid]
-        [--baseline-rev f21fda9 --baseline-sizes 100000] [--kill]
+        [--baseline-rev f21fda9 --baseline-sizes 100000] [--kill] [--probe 10000000 --probe-blocks 3]
 
 Each run is `torchrun --nproc_per_node=N bench/mine_scale.py --worker ...`: every rank runs the
 tool in-process and reports its own peak RSS and CPU time. The pool is the input's positives
@@ -15,6 +15,12 @@ nearly every row, leaving the output's cost unmeasured.
 run, side by side. --kill SIGKILLs the first size's 1-rank run once two blocks are done, runs
 it again, and reports whether the output equals the uninterrupted one and how many blocks were
 mined twice (a part file written but not yet counted by the manifest when it died).
+
+--probe SIZE runs a size too large to finish here only until its manifest counts --probe-blocks
+blocks, then kills it: the peak RSS per rank so far (the kernel's high-water mark, VmHWM, of each
+worker), the seconds until the first block was done (reading, indexing and embedding the pool)
+and per block after it, and the whole run's time projected from those. Mining holds one block
+at a time, so the peak over the first blocks is the run's, unless something grows per block.
 """
 
 from __future__ import annotations
@@ -122,6 +128,66 @@ def killed_and_resumed(root: Path, rows: int, retriever: str, model: Path, expec
             f"{'identical' if same else 'DIFFERENT'}, {written - counted} block(s) mined twice")
 
 
+def worker_pids(report: Path) -> list[int]:
+    """The processes running this bench's worker for a report path (torchrun's children)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"--worker" in cmdline and str(report).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def peak_rss_gib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def first_blocks(root: Path, rows: int, nproc: int, retriever: str, model: Path, blocks: int) -> str:
+    """Run a size until its manifest counts `blocks` blocks, then kill it (see --probe)."""
+    data, output, report = root / f"pairs-{rows}.jsonl", root / f"probe-{rows}-{nproc}.jsonl", root / "report-probe"
+    if not data.exists():
+        write_input(data, rows)
+    cmd, env = command(rows, nproc, data, output, retriever, model, report)
+    manifest = output.with_name(output.name + ".parts") / "manifest.json"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started, first, peaks, done = time.perf_counter(), None, {}, 0
+    while proc.poll() is None and done < blocks:
+        for pid in worker_pids(report):
+            try:
+                peaks[pid] = peak_rss_gib(pid)
+            except OSError:  # it ended between the listing and the read
+                pass
+        try:
+            done = len(json.loads(manifest.read_text())["done"])
+        except (OSError, ValueError):
+            done = 0
+        if done and first is None:
+            first = time.perf_counter() - started
+        time.sleep(0.5)
+    elapsed = time.perf_counter() - started
+    for pid in [*worker_pids(report), proc.pid]:  # torchrun's workers live in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    if done < blocks or first is None:
+        return f"probe {rows} rows, {nproc} rank(s): ended after {elapsed:.0f} s with {done} block(s) counted"
+    per_block = (elapsed - first) / max(done - 1, 1)
+    from trainer.config import MineConfig
+
+    total_blocks = -(-rows // MineConfig.block_rows)
+    return (f"probe {rows} rows, {nproc} rank(s), killed after {done} of {total_blocks} blocks: peak RSS per rank "
+            f"{max(peaks.values()):.2f} GiB; first block done at {first:.0f} s, then {per_block:.0f} s per block; "
+            f"whole run projected {first + per_block * (total_blocks - 1):.0f} s")
+
+
 def baseline_repo(root: Path, rev: str) -> Path:
     folder = root / f"baseline-{rev}"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), rev], check=True,
@@ -144,6 +210,9 @@ def main() -> None:
     parser.add_argument("--baseline-rev", help="also run the tool of this earlier commit")
     parser.add_argument("--baseline-sizes", type=int, nargs="+", help="sizes for the baseline (default: --sizes)")
     parser.add_argument("--kill", action="store_true", help="kill and resume the first size's 1-rank run")
+    parser.add_argument("--probe", type=int, nargs="*", default=[], help="sizes run only for their first blocks")
+    parser.add_argument("--probe-blocks", type=int, default=3)
+    parser.add_argument("--probe-nproc", type=int, nargs="+", default=[1], help="ranks for the probed sizes")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
@@ -173,6 +242,9 @@ def main() -> None:
             first = (args.sizes[0], 1)
             if args.kill and "output" in results.get(first, {}):
                 print(killed_and_resumed(root, args.sizes[0], args.retriever, model, results[first]["output"]))
+            for rows in args.probe:
+                for nproc in args.probe_nproc:
+                    print(first_blocks(root, rows, nproc, args.retriever, model, args.probe_blocks), flush=True)
         finally:
             if baseline is not None:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], capture_output=True)
