@@ -33,9 +33,10 @@ def write_texts(path: str | Path, batches: Iterable[list[str]]) -> int:
 
 
 class TextStore:
-    """The texts of a write_texts file, by id (their order in the file). Each read maps the file
-    for its own duration: pages read stay in the OS's cache, shared by every process, but leave
-    this process's resident memory when the read is done, however many ids it has read so far."""
+    """The texts of a write_texts file, by id (their order in the file). Each stored batch a read
+    needs is mapped for that batch's part of the read: pages read stay in the OS's cache, shared
+    by every process, but leave this process's resident memory right after, however many ids it
+    has read so far."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -47,6 +48,14 @@ class TextStore:
     def _reader(self) -> Iterator[pa.ipc.RecordBatchFileReader]:
         with pa.memory_map(str(self.path)) as source:
             yield pa.ipc.open_file(source)
+
+    @contextmanager
+    def _batch(self, i: int) -> Iterator[pa.Array]:
+        """Stored batch i's column, the file mapped while it is used: however many batches a read
+        touches (a block's negatives are spread over the whole pool), at most one batch's pages
+        (~5 MB) are mapped at a time, not the whole file's (80 MB per million texts)."""
+        with self._reader() as reader:
+            yield reader.get_batch(i).column(0)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -64,27 +73,27 @@ class TextStore:
             raise IndexError(f"ids outside 0..{len(self) - 1}")
         out: list[str | None] = [None] * len(ids)
         batch_of = np.searchsorted(self._starts, ids, side="right") - 1
-        with self._reader() as reader:
-            for batch in np.unique(batch_of):
-                where = np.flatnonzero(batch_of == batch)
-                column = reader.get_batch(int(batch)).column(0)
+        for batch in np.unique(batch_of):
+            where = np.flatnonzero(batch_of == batch)
+            with self._batch(int(batch)) as column:
                 texts = column.take(pa.array(ids[where] - self._starts[batch])).to_pylist()
-                for position, text in zip(where.tolist(), texts):
-                    out[position] = text
+            for position, text in zip(where.tolist(), texts):
+                out[position] = text
         return out  # type: ignore[return-value]
 
     def lengths(self) -> np.ndarray:
         """Each text's length in characters (code points, as Python's len)."""
         import pyarrow.compute as pc
 
-        with self._reader() as reader:
-            parts = [pc.utf8_length(reader.get_batch(i).column(0)).to_numpy(zero_copy_only=False)
-                     for i in range(reader.num_record_batches)]
+        parts = []
+        for i in range(len(self._starts) - 1):
+            with self._batch(i) as column:
+                parts.append(pc.utf8_length(column).to_numpy(zero_copy_only=False))
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
     def batches(self) -> Iterator[list[str]]:
         """The texts in order, one stored batch at a time."""
         for i in range(len(self._starts) - 1):
-            with self._reader() as reader:
-                texts = reader.get_batch(i).column(0).to_pylist()
+            with self._batch(i) as column:
+                texts = column.to_pylist()
             yield texts
