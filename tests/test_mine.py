@@ -303,13 +303,16 @@ def test_pool_files_equal_the_in_memory_pool(assets, tmp_path):
     assert not [f for f in tmp_path.iterdir() if str(f) in live_maps]
 
 
-def test_text_store_reads_any_ids_across_batches(tmp_path):
+@pytest.mark.parametrize("reads_per_map", [2048, 2])  # one map per read; the file mapped anew after 2 texts
+def test_text_store_reads_any_ids_across_batches(tmp_path, monkeypatch, reads_per_map):
+    from trainer import text_store
     from trainer.text_store import TextStore, write_texts
 
+    monkeypatch.setattr(text_store, "READS_PER_MAP", reads_per_map)
     texts = [f"t{i} " + "é" * (i % 5) for i in range(25)]
     assert write_texts(tmp_path / "t.arrow", [texts[:10], [], texts[10:17], texts[17:]]) == 25
     store = TextStore(tmp_path / "t.arrow")
-    ids = np.array([24, 0, 9, 10, 16, 17, 3, 3])
+    ids = np.array([24, 0, 9, 10, 16, 17, 3, 3, 11])
     assert len(store) == 25 and store.take(ids) == [texts[i] for i in ids] and store[16] == texts[16]
     assert store.lengths().tolist() == [len(t) for t in texts]
     assert [t for batch in store.batches() for t in batch] == texts
