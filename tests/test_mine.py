@@ -295,12 +295,15 @@ def test_pool_files_equal_the_in_memory_pool(assets, tmp_path):
     assert sorted(expected) == [(k // len(pool), k % len(pool)) for k in data.excluded[:]]
     some = np.array([0, 3, 7])
     assert data.excluded_of(some).tolist() == [k for k in data.excluded[:].tolist() if k // len(pool) in some]
-    # Every read maps its file for that read only: a map kept for the run would leave every page
+    # The row arrays are read through a map per read: a map kept for the run would leave every page
     # read in RSS (O(rows) by the last block). Linux lists a process's live maps in /proc/self/maps.
-    kept = data.pool.take(np.array([1, 0])), data.row_query[2:5], data.excluded_of(some)  # results outlive their reads
+    # Only the .npy files are checked: pyarrow unmaps an Arrow file when its last buffer goes, which
+    # a clean CI run showed can outlive the read (the text store's pages are measured by
+    # bench/mine_scale.py instead: a 49K-id take holds ~8 MB of them).
+    kept = data.row_query[2:5], data.excluded_of(some)  # results outlive their reads
     live_maps = Path("/proc/self/maps").read_text()
-    assert len(kept[1]) == 3
-    assert not [f for f in tmp_path.iterdir() if str(f) in live_maps]
+    assert len(kept[0]) == 3
+    assert not [f for f in tmp_path.glob("*.npy") if str(f) in live_maps]
 
 
 @pytest.mark.parametrize("reads_per_map", [2048, 2])  # one map per read; the file mapped anew after 2 texts
