@@ -373,7 +373,7 @@ def mine(cfg) -> dict:
         f"{cfg.retriever.value}, ranks {cfg.range_min}..{cfg.range_max}, {distributed.world_size()} rank(s), "
         f"{blocks} block(s) of {cfg.block_rows} rows" + (f"; resuming: {len(done)} done" if done else ""))
 
-    bm25 = None  # indexed first: its build's transient peak (~3x the index) then meets no embeddings
+    bm25 = None  # indexed first: the tokens and the index build's chunk then meet no embeddings
     if cfg.retriever.value in ("bm25", "hybrid"):
         bm25 = shard_index(data.pool, cfg.bm25_backend.value, len(data.queries))
     doc_ids, docs = embed_pool(models.embed_docs, data.pool, models.batch_size, cfg.embeddings_cache or folder,
