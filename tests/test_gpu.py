@@ -1,7 +1,8 @@
 """GPU checks (`pytest -m gpu`): skipped where CUDA is not available, as on CI.
 
 A bf16 CUDA run of the Hydra app (NCCL with two ranks where two GPUs exist), GradCache's exact
-gradients and dropout replay with CUDA generators, and pinned-memory batches.
+gradients and dropout replay with CUDA generators, pinned-memory batches, and mining with the
+pool's shard on the GPU against the CPU.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from tests.test_gradcache import BATCH, CHUNK, NEGATIVES, batches, grads_of, in_chunks
+from tests.test_mine import assets, compose_mine, mine_args, read_jsonl  # noqa: F401 (assets: the mining fixture)
 from tests.tiny import run_trainer, synthetic_pairs, tiny_encoder, write_beir, write_jsonl, write_tiny_model
 from trainer.gradcache import GradCache
 from trainer.losses import ContrastiveLoss
+from trainer.mine import mine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -95,3 +99,35 @@ def test_batches_arrive_in_pinned_memory(tmp_path):
     assert batch["queries"]["input_ids"].is_pinned() and batch["docs"]["attention_mask"].is_pinned()
     moved = batch["queries"]["input_ids"].to("cuda", non_blocking=True)
     torch.testing.assert_close(moved.cpu(), batch["queries"]["input_ids"])
+
+
+def _agree_apart_from_ties(cpu_row: dict, gpu_row: dict, tie: float) -> None:
+    """Scores agree position by position within `tie`; a negative must be the same text unless
+    its score lies within 2 x tie of a neighbour's (then the two devices' roundings may order
+    near-equal candidates either way)."""
+    ours, theirs = np.asarray(cpu_row["negative_scores"]), np.asarray(gpu_row["negative_scores"])
+    np.testing.assert_allclose(theirs, ours, atol=tie)
+    for i, (a, b) in enumerate(zip(cpu_row["negatives"], gpu_row["negatives"])):
+        gaps = np.abs(ours[i] - np.delete(ours, i))
+        if a != b:
+            assert gaps.size and gaps.min() <= 2 * tie, (i, a, b, ours)
+
+
+@pytest.mark.parametrize("retriever, pools", [("dense", ("fp32", "fp16")), ("hybrid", ("fp32",))])
+def test_mining_on_cuda_equals_the_cpu(assets, tmp_path, retriever, pools):  # noqa: F811 (assets: the fixture)
+    """The pool's shard held and searched on the GPU. In fp32 the encoder's and the search's sums
+    run in another order than on the CPU: unit-vector cosines then differ by a few fp32 ulps
+    (~1e-7 each, over a 32-dim model's few layers), so 1e-5 bounds them with room. fp16 (the
+    GPU's default pool) rounds each stored coordinate to 2^-11 relative: 4e-3, as on the CPU.
+    Hybrid orders negatives by fused rank, not score, so its fp16 run (whose dense ranks may
+    swap near-equal candidates) is not compared position by position."""
+    common = (f"retriever={retriever}", "max_score_ratio=null", "margin=-1.0", "block_rows=16", "precision=fp32")
+    mine(compose_mine(*mine_args(assets, tmp_path / "cpu.jsonl", *common, "device=cpu")))
+    cpu = read_jsonl(tmp_path / "cpu.jsonl")
+    assert len(cpu) == 40  # margin -1 keeps every candidate: every row is written
+    for pool in pools:
+        mine(compose_mine(*mine_args(assets, tmp_path / f"{pool}.jsonl", *common, "device=cuda", f"pool_dtype={pool}")))
+        gpu = read_jsonl(tmp_path / f"{pool}.jsonl")
+        assert [(r["query"], r["positive"]) for r in gpu] == [(r["query"], r["positive"]) for r in cpu]
+        for cpu_row, gpu_row in zip(cpu, gpu):
+            _agree_apart_from_ties(cpu_row, gpu_row, {"fp32": 1e-5, "fp16": 4e-3}[pool])
