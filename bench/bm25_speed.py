@@ -55,7 +55,7 @@ def after(pool: list[str], queries: list[str], k: int, backend: str, threads: in
     from trainer.bm25 import ShardIndex, tokenize
 
     t0 = time.perf_counter()
-    index = ShardIndex(pool, np.arange(len(pool)), backend=backend, threads=threads)
+    index = ShardIndex(pool, backend=backend, threads=threads)
     indexed = time.perf_counter() - t0
     if backend == "numba":  # compiled once per process (~5 s), outside the timing
         index.search(tokenize(queries[:2]), k)

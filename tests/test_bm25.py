@@ -39,7 +39,7 @@ def test_shards_with_the_pools_statistics_score_as_one_index_and_merge_exactly()
     expected_scores, expected_ids = brute_force(pool, queries, k=20)
     stats = pool_stats(shard_tokens(pool))  # one process: the whole pool's
     bounds = [0, 97, 210, 300]
-    shards = [ShardIndex(pool[a:b], np.arange(a, b), stats=stats) for a, b in zip(bounds, bounds[1:])]
+    shards = [ShardIndex(pool[a:b], a, stats=stats) for a, b in zip(bounds, bounds[1:])]
     results = [shard.search(tokenize(queries), 20) for shard in shards]
     # What merge_ranks does over ranks: every shard's list side by side, the best 20 by (score, id).
     scores = torch.from_numpy(np.concatenate([r[0] for r in results], axis=1))
@@ -49,7 +49,7 @@ def test_shards_with_the_pools_statistics_score_as_one_index_and_merge_exactly()
     merged_scores, merged_ids = _best(scores, ids, 20)
     np.testing.assert_array_equal(merged_ids.numpy(), expected_ids)
     np.testing.assert_array_equal(merged_scores.numpy(), expected_scores)  # bit for bit: the same float32 sums
-    one_index = ShardIndex(pool, np.arange(len(pool))).search(tokenize(queries), 20)
+    one_index = ShardIndex(pool).search(tokenize(queries), 20)
     np.testing.assert_array_equal(one_index[1], expected_ids)
     assert (expected_ids[:, -1] >= 0).any()  # full lists, a list of one, an empty list
     assert expected_ids[-2].tolist() == [299] + [-1] * 19 and expected_ids[-1].tolist() == [-1] * 20
@@ -58,15 +58,15 @@ def test_shards_with_the_pools_statistics_score_as_one_index_and_merge_exactly()
 def test_ties_at_the_cut_go_to_the_lower_ids():
     # 60 texts with the same terms (stop words differ, and are dropped): 60 equal scores, k 10.
     pool = [f"alpha beta {'the ' * (i % 3)}a" for i in range(60)] + texts(40, seed=2)
-    scores, ids = ShardIndex(pool, np.arange(100)).search(tokenize(["alpha"]), 10)
+    scores, ids = ShardIndex(pool).search(tokenize(["alpha"]), 10)
     assert ids[0].tolist() == list(range(10)) and len(set(scores[0].tolist())) == 1
 
 
 def test_numba_backend_ranks_as_numpy():
     pytest.importorskip("numba")
     pool, queries = texts(400, seed=3), texts(30, seed=4, words=3)
-    numpy_lists = ShardIndex(pool, np.arange(400), backend="numpy").search(tokenize(queries), 25)
-    numba_lists = ShardIndex(pool, np.arange(400), backend="numba", threads=2).search(tokenize(queries), 25)
+    numpy_lists = ShardIndex(pool, backend="numpy").search(tokenize(queries), 25)
+    numba_lists = ShardIndex(pool, backend="numba", threads=2).search(tokenize(queries), 25)
     np.testing.assert_array_equal(numba_lists[1], numpy_lists[1])
     np.testing.assert_array_equal(numba_lists[0], numpy_lists[0])
 

@@ -60,7 +60,7 @@ def test_chunked_topk_equals_the_full_matrix():
 
 
 def test_candidate_scores_equal_brute_force():
-    from trainer.search import score_candidates
+    from trainer.search import score_candidates, shard_positions
 
     gen = torch.Generator().manual_seed(1)
     queries, docs = torch.randn(9, 4, generator=gen), torch.randn(30, 4, generator=gen)
@@ -71,6 +71,15 @@ def test_candidate_scores_equal_brute_force():
     assert torch.isnan(got[0, 2])
     mask = candidates >= 0
     torch.testing.assert_close(got[mask], expected[mask])
+    # A shard holding every other document, in shuffled rows, its positions built once by the
+    # caller: the texts it does not hold add 0 (another rank's sum holds them).
+    held = torch.randperm(30, generator=gen)[:15]
+    positions = shard_positions(held, 30, "cpu")
+    assert positions.dtype == torch.int32 and (positions[held] == torch.arange(15, dtype=torch.int32)).all()
+    shard = score_candidates(queries, candidates, docs[held], held, 30, chunk_elements=7, positions=positions)
+    in_shard = mask & torch.isin(candidates, held)
+    torch.testing.assert_close(shard[in_shard], expected[in_shard])
+    assert (shard[mask & ~in_shard] == 0).all()
 
 
 def test_batches_are_the_same_whatever_the_number_of_ranks():

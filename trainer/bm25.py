@@ -45,7 +45,7 @@ TOKENIZE_CHUNK = 50000  # texts tokenised at a time: bounds the Python lists of 
 class ShardTokens:
     """A shard's texts as term ids: one flat int32 array, each text's span of it, the vocabulary.
     Python lists of tokens cost about 100 bytes a token and, freed, leave the process's memory
-    fragmented; these arrays cost 4 bytes a token. Reads as a sequence of per-text id lists."""
+    fragmented; these arrays cost 4 bytes a token."""
 
     def __init__(self, chunks) -> None:
         vocab: dict[str, int] = {}
@@ -65,12 +65,6 @@ class ShardTokens:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> list[int]:
-        return self.flat[self.offsets[i] : self.offsets[i + 1]].tolist()
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
 
     def doc_freqs(self) -> np.ndarray:
         """Per term id, how many of the texts hold it."""
@@ -170,13 +164,15 @@ def choose_backend(name: str, queries: int) -> str:
 
 
 class ShardIndex:
-    """This rank's share of the pool (texts shard_ids of it), indexed with the pool's statistics."""
+    """This rank's share of the pool, its texts first_id, first_id + 1, ..., indexed with the pool's
+    statistics. A share is contiguous, so its pool ids are an offset (an array of them would hold
+    8 bytes a text for the whole run)."""
 
-    def __init__(self, shard_texts: Sequence[str] | ShardTokens, shard_ids: np.ndarray, backend: str = "numpy",
+    def __init__(self, shard_texts: Sequence[str] | ShardTokens, first_id: int = 0, backend: str = "numpy",
                  threads: int = 1, stats: PoolStats | None = None) -> None:
         tokens = shard_texts if isinstance(shard_texts, ShardTokens) else shard_tokens(shard_texts)
         stats = stats or pool_stats(tokens)  # a collective: every rank builds its index at once
-        self.ids = np.asarray(shard_ids, dtype=np.int64)
+        self.first_id, self.size = int(first_id), len(tokens)
         self.threads = threads
         self.retriever = None
         if len(tokens):
@@ -195,17 +191,17 @@ class ShardIndex:
         known = np.array([i for i, q in enumerate(query_tokens) if any(t in vocab for t in q)], dtype=np.int64)
         if len(known) == 0:
             return scores, ids
-        fetch = min(k + SLACK, len(self.ids))
+        fetch = min(k + SLACK, self.size)
         local, found = self.retriever.retrieve([query_tokens[i] for i in known], k=fetch, n_threads=self.threads,
                                                show_progress=False)
         local, found = np.asarray(local, dtype=np.int64), np.asarray(found, dtype=np.float32)
-        top_scores, top_ids = _canonical(found, self.ids[local], k)
-        if fetch < len(self.ids):  # rows whose ties may reach past what was fetched: ranked in full
+        top_scores, top_ids = _canonical(found, local + self.first_id, k)
+        if fetch < self.size:  # rows whose ties may reach past what was fetched: ranked in full
             unsure = np.flatnonzero((found.min(axis=1) == top_scores[:, -1]) & (top_scores[:, -1] > 0))
             for row in unsure:
                 full = self.retriever.get_scores(query_tokens[known[row]]).astype(np.float32)
                 tied = np.flatnonzero(full >= top_scores[row, -1])  # every text that can make the top k
-                top_scores[row], top_ids[row] = (x[0] for x in _canonical(full[tied][None], self.ids[tied][None], k))
+                top_scores[row], top_ids[row] = (x[0] for x in _canonical(full[tied][None], tied[None] + self.first_id, k))
         positive = top_scores > 0
         scores[known] = np.where(positive, top_scores, -np.inf)
         ids[known] = np.where(positive, top_ids, -1)
@@ -229,10 +225,10 @@ def shard_index(pool: Sequence[str], backend: str = "auto", queries: int = 0) ->
     searched, for backend=auto."""
     world, rank = distributed.world_size(), distributed.rank()
     bounds = np.linspace(0, len(pool), world + 1).astype(np.int64)
-    shard_ids = np.arange(bounds[rank], bounds[rank + 1])
+    first, end = int(bounds[rank]), int(bounds[rank + 1])
     read = pool.take if hasattr(pool, "take") else (lambda ids: [pool[i] for i in ids])
-    tokens = ShardTokens(read(shard_ids[i : i + TOKENIZE_CHUNK]) for i in range(0, len(shard_ids), TOKENIZE_CHUNK))
-    return ShardIndex(tokens, shard_ids, choose_backend(backend, queries), threads=max(1, torch.get_num_threads()))
+    tokens = ShardTokens(read(np.arange(i, min(i + TOKENIZE_CHUNK, end))) for i in range(first, end, TOKENIZE_CHUNK))
+    return ShardIndex(tokens, first, choose_backend(backend, queries), threads=max(1, torch.get_num_threads()))
 
 
 def ranked_lists(index: ShardIndex, queries: Sequence[str], k: int) -> np.ndarray:

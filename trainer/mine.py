@@ -57,6 +57,7 @@ from trainer.search import (
     merge_ranks,
     plan_by_length,
     score_candidates,
+    shard_positions,
     topk_search,
 )
 
@@ -198,12 +199,15 @@ class BlockMiner:
                  bm25, teacher, ann=None) -> None:
         self.cfg, self.data, self.models, self.bm25, self.teacher, self.ann = cfg, data, models, bm25, teacher, ann
         self.doc_ids, self.docs = torch.as_tensor(doc_ids), docs
+        # Built once for the run: score_candidates would build it (8 + 8 bytes a pool text) three times a block.
+        self.positions = shard_positions(self.doc_ids, data.pool_size, docs.device)
         # Enough ranks to fill range_max after the excluded texts of the query with the most.
         self.k = min(data.pool_size, cfg.range_max + data.most_excluded)
 
     def cosines(self, queries: torch.Tensor, ids: np.ndarray) -> np.ndarray:
         """Cosines of each query with its pool ids (NaN where -1)."""
-        return score_candidates(queries, torch.as_tensor(ids), self.docs, self.doc_ids, self.data.pool_size).cpu().numpy()
+        return score_candidates(queries, torch.as_tensor(ids), self.docs, self.doc_ids, self.data.pool_size,
+                                positions=self.positions).cpu().numpy()
 
     def dense(self, queries: torch.Tensor) -> tuple[np.ndarray, dict]:
         """Each query's dense list, exact or (search=faiss) approximate; with FAISS, the recall of

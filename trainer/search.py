@@ -171,6 +171,16 @@ def merge_ranks(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     return _best(flat(all_scores), flat(all_ids), k)
 
 
+def shard_positions(doc_ids: torch.Tensor, corpus_size: int, device: torch.device | str) -> torch.Tensor:
+    """Each corpus id's row in this rank's documents (doc_ids), -1 where another rank holds it:
+    int32, 4 bytes a corpus text, while the rows fit. A caller that scores many batches of
+    candidates (mining: three times a block) builds it once and passes it to score_candidates."""
+    dtype = torch.int32 if len(doc_ids) < 2**31 else torch.int64
+    position = torch.full((corpus_size,), -1, dtype=dtype, device=device)
+    position[torch.as_tensor(doc_ids).to(device, torch.int64)] = torch.arange(len(doc_ids), dtype=dtype, device=device)
+    return position
+
+
 def score_candidates(
     queries: torch.Tensor,
     candidates: torch.Tensor,
@@ -178,21 +188,22 @@ def score_candidates(
     doc_ids: torch.Tensor,
     corpus_size: int,
     chunk_elements: int = CHUNK_ELEMENTS,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dot products of each query with its candidate documents (global ids, -1 = none -> NaN),
     when each rank holds only its own documents: each rank scores the candidates it holds and a
     sum over ranks puts them together. queries (Q, d) and candidates (Q, C) are the same on every
-    rank; returns (Q, C) fp32 on the queries' device."""
+    rank; returns (Q, C) fp32 on the queries' device. positions: shard_positions(doc_ids, ...),
+    if the caller holds it (else it is built here)."""
     device = docs.device
-    position = torch.full((corpus_size,), -1, dtype=torch.int64, device=device)
-    position[doc_ids.to(device, torch.int64)] = torch.arange(len(doc_ids), device=device)
+    position = shard_positions(doc_ids, corpus_size, device) if positions is None else positions
     candidates = candidates.to(device)
     out = torch.zeros(candidates.shape, dtype=torch.float32, device=device)
     rows = max(1, chunk_elements // max(1, candidates.shape[1] * docs.shape[1]))
     # A rank that holds no document (fewer embedding batches than ranks) adds zeros to the sum.
     for r0 in range(0, len(candidates) if len(docs) else 0, rows):
         block = candidates[r0 : r0 + rows]
-        local = position[block.clamp(min=0)]
+        local = position[block.clamp(min=0)].long()
         held = (block >= 0) & (local >= 0)
         vectors = docs[local.clamp(min=0)]  # (rows, C, d)
         dots = torch.einsum("rcd,rd->rc", vectors, queries[r0 : r0 + rows].to(device, docs.dtype)).float()
