@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,7 @@ def make_st_step(args, backbone):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(100)]))
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     transformer = Transformer(folder)
+    shutil.rmtree(folder)  # loaded: the weights' copy on disk (440 MB at BERT-base) is not needed again
     model = SentenceTransformer(modules=[transformer, Pooling(backbone.config.hidden_size, "mean")], device=args.device)
     model.train()
     loss_fn = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk)
