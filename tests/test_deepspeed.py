@@ -69,6 +69,8 @@ def test_zero_gradcache_steps_equal_ddp_with_one_reduction_per_step(zero_results
     # 3 + 6 chunks per step, reduced as often as one plain backward: once per bucket, not per chunk.
     assert result["plain_reductions"] > 1
     assert result["cached_reductions"] == [result["plain_reductions"]] * 3, result
+    # Every chunk's graph was kept from pass 1 (none re-embedded), which DDP's reference re-embeds.
+    assert result["kept"] == [1.0] * 3, result
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.tiny import token_batch, tiny_encoder
-from trainer.gradcache import GradCache, plan_chunks, split_batch
+from trainer.chunk_plan import plan_chunks
+from trainer.gradcache import GradCache
 from trainer.losses import ContrastiveLoss
 
 BATCH, NEGATIVES, CHUNK = 8, 1, 3
@@ -26,19 +27,24 @@ def assert_same_grads(a, b, atol=1e-5):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def in_chunks(encoder, batch, sort_by_length=True):
+def split_batch(batch, chunk_size):
+    """The batch's rows in its own order, in padded chunks of at most chunk_size rows."""
+    return plan_chunks(batch, chunk_size, sort_by_length=False).chunks
+
+
+def in_chunks(encoder, batch, sort_by_length=True, pack=True):
     """The batch embedded chunk by chunk as the step cuts it, rows back in the batch's order."""
-    order, chunks = plan_chunks(batch, CHUNK, sort_by_length=sort_by_length)
-    out = torch.cat([encoder(**c) for c in chunks])
-    return out if order is None else out[order.argsort()]
+    plan = plan_chunks(batch, CHUNK, sort_by_length=sort_by_length, pack=pack)
+    out = torch.cat([encoder(**c) for c in plan.chunks])
+    return out if plan.order is None else out[plan.order.argsort()]
 
 
-def one_graph_chunked_grads(encoder, loss_fn, queries, docs, seed, sort_by_length=True):
+def one_graph_chunked_grads(encoder, loss_fn, queries, docs, seed, sort_by_length=True, pack=True):
     """The reference for dropout: the same chunks forwarded in order, all kept in one autograd
     graph (no caching), after the same seed, so dropout draws the same masks."""
     torch.manual_seed(seed)
-    q = in_chunks(encoder, queries, sort_by_length)
-    d = in_chunks(encoder, docs, sort_by_length).view(BATCH, 1 + NEGATIVES, -1)
+    q = in_chunks(encoder, queries, sort_by_length, pack)
+    d = in_chunks(encoder, docs, sort_by_length, pack).view(BATCH, 1 + NEGATIVES, -1)
     loss = loss_fn(q, d)
     loss.backward()
     return loss.detach(), grads_of(encoder)
@@ -83,17 +89,24 @@ def test_dropout_is_really_on_in_the_replay_test():
         assert_same_grads(seven, eight)
 
 
-def test_both_passes_run_under_autocast():
-    """Pass 2 must run in the same autocast as pass 1 (an fp32 re-embedding costs 3x on a GPU)."""
+@pytest.mark.parametrize("keep_graphs", [False, True], ids=["reembedded", "kept"])
+def test_both_passes_run_under_autocast(keep_graphs):
+    """Pass 2 must run in the same autocast as pass 1 (an fp32 re-embedding costs 3x on a GPU);
+    with every graph kept there is no pass-2 forward at all: each chunk is forwarded once."""
     queries, docs = batches()
     encoder = tiny_encoder()
     seen = []  # (grad enabled?, output dtype) of one Linear layer, per forward
     layer = encoder.backbone.encoder.layer[0].intermediate.dense
     layer.register_forward_hook(lambda module, args, out: seen.append((torch.is_grad_enabled(), out.dtype)))
-    out = GradCache(encoder, ContrastiveLoss(), chunk_size=CHUNK, autocast_dtype=torch.bfloat16)(queries, docs)
+    step = GradCache(encoder, ContrastiveLoss(), chunk_size=CHUNK, autocast_dtype=torch.bfloat16, keep_graphs=keep_graphs)
+    out = step(queries, docs)
     n_chunks = 3 + 6  # 8 queries and 16 documents in chunks of 3
-    assert seen[:n_chunks] == [(False, torch.bfloat16)] * n_chunks
-    assert seen[n_chunks:] == [(True, torch.bfloat16)] * n_chunks
+    if keep_graphs:
+        assert seen == [(True, torch.bfloat16)] * n_chunks
+        assert out.work.kept_chunks == n_chunks
+    else:
+        assert seen == [(False, torch.bfloat16)] * n_chunks + [(True, torch.bfloat16)] * n_chunks
+        assert out.work.kept_chunks == 0
     assert out.query_embeddings.dtype == torch.float32  # pooled and cached in fp32
 
     plain_encoder = tiny_encoder()
@@ -157,7 +170,8 @@ def test_length_ordered_and_token_budget_chunks_give_the_unordered_gradients(pre
 def test_token_budget_chunks_respect_the_budget_and_ordering_cuts_padding():
     batch = token_batch(64, 40, seed=4)
     lengths = batch["attention_mask"].sum(1)
-    order, chunks = plan_chunks(batch, chunk_tokens=200)
+    plan = plan_chunks(batch, chunk_tokens=200)
+    order, chunks = plan.order, plan.chunks
     assert torch.equal(lengths[order], lengths.sort(descending=True, stable=True).values)
     assert sum(c["input_ids"].shape[0] for c in chunks) == 64
     for chunk in chunks:
@@ -173,7 +187,7 @@ def test_token_budget_chunks_respect_the_budget_and_ordering_cuts_padding():
         return 1 - sum(int(c["attention_mask"].sum()) for c in chunks) / total
 
     unordered = padding(split_batch(batch, 8))
-    ordered = padding(plan_chunks(batch, 8)[1])
+    ordered = padding(plan_chunks(batch, 8).chunks)
     assert ordered < unordered / 3, (ordered, unordered)
 
 

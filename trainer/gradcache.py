@@ -1,20 +1,31 @@
 """GradCache: one optimizer step over a batch far larger than the encoder's activations allow.
 
-  pass 1  embed every chunk without grad, recording each chunk's RNG state;
+  pass 1  embed every chunk, recording each chunk's RNG state. Chunks whose autograd graphs fit
+          a memory budget run with grad and keep their graph (kept_graphs.py); the rest run
+          without grad, so memory is one chunk's activations beyond the kept graphs;
   loss    run the loss once on all embeddings (gathered across ranks inside the loss), backward
           to the embeddings only, and cache d loss / d embedding (fp32);
-  pass 2  re-embed each chunk with grad under the same RNG state (the same dropout masks) and the
-          same autocast, and backpropagate its slice of the cached gradient.
+  pass 2  backpropagate each chunk's slice of the cached gradient: through its kept graph, or
+          after re-embedding it under the same RNG state (the same dropout masks) and the same
+          autocast. When every graph fits, the step is one forward and one backward.
 
-The parameter gradients equal those of one backward through the whole batch. Under DDP every
-chunk but the last runs inside no_sync(); under a DeepSpeed ZeRO engine the whole of pass 2 runs
-inside engine.coalesce_grad_reduction() with engine.backward() per chunk. Either way gradients are
-reduced once per step, not once per chunk. Both passes run inside the caller's autocast (and an optional one of our own), unlike a
-backward hook that re-embeds outside it and silently falls back to fp32.
+Chunks are planned on the host from the texts' lengths (chunk_plan.py: no host sync per chunk)
+and, where the encoder supports it, packed: each chunk's texts in one row of real tokens with
+attention kept inside each text (packing.py), so a chunk costs its real tokens, not its padding.
 
-Usable from any loop:
+The parameter gradients equal those of one backward through the whole batch. Under DDP the last
+chunk is always re-embedded through the wrapper, outside no_sync(), and backpropagated last: its
+backward reduces the gradients, once; every other backward (kept graphs, which pass 1 made
+without the wrapper, and re-embedded chunks inside no_sync()) runs before it with no reduction
+pending. Under a DeepSpeed ZeRO engine the whole of pass 2 runs inside
+engine.coalesce_grad_reduction() with engine.backward() per chunk. Either way gradients are
+reduced once per step, not once per chunk. Both passes run inside the caller's autocast (and an
+optional one of our own), unlike a backward hook that re-embeds outside it and silently falls
+back to fp32.
 
-    step = GradCache(encoder, ContrastiveLoss(), chunk_size=64)
+Usable from any loop (graphs kept as memory allows, chunks packed where the model can):
+
+    step = GradCache(encoder, ContrastiveLoss(), chunk_tokens=65536)
     out = step(query_batch, doc_batch)        # fills .grad; returns the loss and stats
     optimizer.step(); optimizer.zero_grad()
 """
@@ -30,21 +41,31 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import distributed
+from trainer.chunk_plan import LENGTHS, Plan, in_batch_order, plan_chunks
+from trainer.kept_graphs import AUTO, GraphKeeper
 from trainer.losses import ContrastiveLoss, LossStats
-from trainer.memory import is_out_of_memory
+from trainer.memory import is_out_of_memory, release
+from trainer.step_guard import OomGuard, RngState, StepOutOfMemory, guarded
 
 Batch = Mapping[str, Tensor]
+__all__ = ["GradCache", "StepOutOfMemory", "StepOutput", "StepWork", "RngState", "plan_chunks"]
 
 
-class StepOutOfMemory(RuntimeError):
-    """A step ran out of memory (on this rank or another) where it could stop cleanly: nothing
-    was applied, gradients are None again and the generators are where the step began. Running
-    it again with smaller chunks gives exactly what those chunks give (see autochunk.py)."""
+@dataclass(frozen=True)
+class StepWork:
+    """What the encoder computed for one step on this rank: for tokens/s, padding and MFU."""
 
-    def __init__(self, phase: str, cause: BaseException | None) -> None:
-        where = "on this rank" if cause is not None else "on another rank"
-        super().__init__(f"out of memory in {phase} {where}" + (f": {cause}" if cause is not None else ""))
-        self.phase = phase
+    real_tokens: int
+    """Real (non-padding) tokens of the step's texts."""
+    computed_tokens: int
+    """Tokens one pass over the chunks computes, padding included (= real_tokens when packed)."""
+    token_passes: int
+    """Sum over chunks of real tokens x forward-pass equivalents: 4 for a re-embedded chunk (no-grad
+    forward, forward, backward), 3 for a kept one, 3 for a plain step."""
+    attention_passes: int
+    """The same sum over each text's length squared (what attention's cost grows with)."""
+    chunks: int
+    kept_chunks: int
 
 
 @dataclass(frozen=True)
@@ -59,93 +80,8 @@ class StepOutput:
     """(b, d) this rank's query embeddings, e.g. for an embedding-collapse watch."""
     doc_embeddings: Tensor
     """(b, 1 + n, d) this rank's document embeddings."""
-
-
-def split_batch(batch: Batch, chunk_size: int, trim_padding: bool = True) -> list[dict[str, Tensor]]:
-    """Split a tokenised batch, in its own order, into chunks of at most chunk_size rows (the last
-    may be smaller); see plan_chunks for trim_padding."""
-    return plan_chunks(batch, chunk_size, sort_by_length=False, trim_padding=trim_padding)[1]
-
-
-def plan_chunks(
-    batch: Batch,
-    chunk_size: int | None = None,
-    chunk_tokens: int | None = None,
-    sort_by_length: bool = True,
-    trim_padding: bool = True,
-) -> tuple[Tensor | None, list[dict[str, Tensor]]]:
-    """The chunks one pass forwards: (order, chunks), where chunk rows are batch rows `order`
-    (None = the batch's own order), longest first when sort_by_length.
-
-    Chunks hold at most chunk_size rows and, with chunk_tokens, at most that many padded tokens
-    (rows x the chunk's longest row; a row longer than the budget goes alone): short texts go in
-    big chunks, long ones in small, and activation memory is bounded by tokens. With
-    trim_padding, each chunk drops trailing columns that are padding in all of its rows: a chunk
-    of short texts then costs what short texts cost. Only trailing columns go, so the real tokens
-    keep their positions and the output is unchanged. Ordered by length, a chunk's rows are of
-    about one length, so almost nothing is padding (real text: 46% -> 5% at 4096 x chunk 256).
-    """
-    rows = _num_rows(batch)
-    mask = batch.get("attention_mask")
-    lengths = mask.sum(dim=1) if mask is not None else torch.full((rows,), next(iter(batch.values())).shape[1])
-    order = torch.sort(lengths, descending=True, stable=True).indices if sort_by_length else None
-    if order is not None:
-        batch = {key: value.index_select(0, order.to(value.device)) for key, value in batch.items()}
-        lengths = lengths.index_select(0, order.to(lengths.device))
-    chunks, start = [], 0
-    for size in _chunk_sizes(lengths.tolist(), chunk_size, chunk_tokens):
-        chunk = {key: value[start : start + size] for key, value in batch.items()}
-        if trim_padding and "attention_mask" in chunk:
-            length = _used_length(chunk["attention_mask"])
-            chunk = {k: v[:, :length] if v.dim() == 2 and v.shape[1] > length else v for k, v in chunk.items()}
-        chunks.append(chunk)
-        start += size
-    return order, chunks
-
-
-def _chunk_sizes(lengths: list[int], chunk_size: int | None, chunk_tokens: int | None) -> list[int]:
-    """Greedy: a chunk grows while it stays within chunk_size rows and chunk_tokens padded tokens."""
-    sizes, rows, longest = [], 0, 0
-    for length in lengths:
-        grown = max(longest, length)
-        full = (chunk_size and rows + 1 > chunk_size) or (chunk_tokens and (rows + 1) * grown > chunk_tokens)
-        if rows and full:
-            sizes.append(rows)
-            rows, grown = 0, length
-        rows, longest = rows + 1, grown
-    return sizes + [rows] if rows else sizes
-
-
-def _in_batch_order(sorted_rows: Tensor, order: Tensor | None) -> Tensor:
-    """Rows computed in `order` back in the batch's own order."""
-    if order is None:
-        return sorted_rows
-    return torch.empty_like(sorted_rows).index_copy_(0, order.to(sorted_rows.device), sorted_rows)
-
-
-def _num_rows(batch: Batch) -> int:
-    sizes = {value.shape[0] for value in batch.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"tensors of one batch disagree on the number of rows: {sorted(sizes)}")
-    return sizes.pop()
-
-
-def _used_length(attention_mask: Tensor) -> int:
-    used_columns = attention_mask.bool().any(dim=0).nonzero()
-    return int(used_columns.max()) + 1 if used_columns.numel() else 1
-
-
-class RngState:
-    """The CPU generator and, if CUDA is in use, the current device's generator."""
-
-    def __init__(self) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda)
+    work: StepWork | None = None
+    """What the encoder computed."""
 
 
 def _nan_unless_finite(loss: Tensor) -> Tensor:
@@ -160,41 +96,14 @@ def _is_deepspeed_engine(module: nn.Module) -> bool:
     return hasattr(module, "coalesce_grad_reduction") and hasattr(module, "backward")
 
 
-class _OomGuard:
-    """Turns out-of-memory errors of one step into StepOutOfMemory on every rank at once.
-
-    phase(name): a block whose out-of-memory error is caught; on leaving it every rank says
-    whether it failed (one small all-reduce), and if any did, all raise together, having put
-    the generators back where the step began and dropped every gradient the step made. A block
-    with alone=True is guarded only in a single process: with several, its collectives (the
-    loss's gather, DDP's reduction) would be left half done by a rank that stopped.
-    """
-
-    def __init__(self, step: GradCache) -> None:
-        module = step.encoder
-        self.parameters = [p for p in module.parameters() if p.requires_grad]
-        if any(p.grad is not None for p in self.parameters):
-            raise ValueError("recover_oom needs the gradients cleared (None) before the step")
-        self.rng = RngState()
-        self.single = distributed.world_size() == 1
-
-    @contextlib.contextmanager
-    def phase(self, name: str, alone: bool = False):
-        if alone and not self.single:
-            yield
-            return
-        failure = None
-        try:
-            yield
-        except Exception as err:
-            if not is_out_of_memory(err):
-                raise
-            failure = err
-        if distributed.any_rank(failure is not None):
-            for p in self.parameters:
-                p.grad = None
-            self.rng.restore()
-            raise StepOutOfMemory(name, failure) from failure
+def _work(plans: list[Plan], kept: list[bool] | None) -> StepWork:
+    """The step's StepWork; kept None = a plain step (one forward and backward per chunk)."""
+    real = sum(int(p.real_tokens.sum()) for p in plans)
+    tokens = [t for p in plans for t in p.real_tokens.tolist()]
+    pairs = [t for p in plans for t in p.attention_pairs.tolist()]
+    passes = [3] * len(tokens) if kept is None else [3 if k else 4 for k in kept]
+    return StepWork(real, sum(int(p.computed_tokens.sum()) for p in plans), sum(t * m for t, m in zip(tokens, passes)),
+                    sum(a * m for a, m in zip(pairs, passes)), len(tokens), sum(kept) if kept else 0)
 
 
 class GradCache:
@@ -206,13 +115,21 @@ class GradCache:
         loss_fn: the loss over (q, docs); it gathers across ranks itself.
         chunk_size: rows per forward on this rank (queries and documents are chunked separately);
             None or 0 (and no chunk_tokens) runs one plain forward/backward over the whole batch.
-        chunk_tokens: also (or instead) cap each chunk at this many padded tokens.
+        chunk_tokens: also (or instead) cap each chunk at this many tokens (real tokens when
+            packed, rows x the longest row when padded).
         sort_by_length: order each side's texts by length before chunking (far less padding);
             the embeddings are put back in the batch's order before the loss, so the loss, its
             masking and the gather see exactly what they see without it.
         autocast_dtype: if set, both passes run under torch.autocast of this dtype (on top of any
             autocast the caller is already in).
-        trim_padding: drop each chunk's trailing all-padding columns (see split_batch).
+        trim_padding: drop each padded chunk's trailing all-padding columns (chunk_plan.py).
+        pack: "auto" (pack where the encoder supports it: model.Encoder over a transformers model
+            that dispatches attention through AttentionInterface), True (it must), or False.
+        keep_graphs: keep pass 1's graphs of as many chunks as fit, so that pass 2 re-embeds only
+            the rest: "auto" (the memory the device has left, see kept_graphs.py), a number of
+            bytes, True (all of them) or False (re-embed every chunk, the classic GradCache).
+        keep_reserve_bytes: with keep_graphs="auto", memory to leave free besides (e.g. the
+            optimizer's state, which AdamW allocates at its first step).
         no_sync: a context manager factory that suspends gradient reduction; defaults to
             encoder.no_sync for DDP and to nothing otherwise.
         grad_scaler: for fp16, a torch.amp.GradScaler: every backward then runs on the scaled
@@ -235,21 +152,20 @@ class GradCache:
         sort_by_length: bool = True,
         autocast_dtype: torch.dtype | None = None,
         trim_padding: bool = True,
+        pack: bool | str = AUTO,
+        keep_graphs: bool | int | str = AUTO,
+        keep_reserve_bytes: int = 0,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         recover_oom: bool = False,
     ) -> None:
         if chunk_size is not None and chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0 or None = no chunking), got {chunk_size}")
-        self.encoder = encoder
-        self.loss_fn = loss_fn
         if chunk_tokens is not None and chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be > 0 (None = no token budget), got {chunk_tokens}")
-        self.chunk_size = chunk_size or None
-        self.chunk_tokens = chunk_tokens
-        self.sort_by_length = sort_by_length
-        self.autocast_dtype = autocast_dtype
-        self.trim_padding = trim_padding
+        self.encoder, self.loss_fn = encoder, loss_fn
+        self.chunk_size, self.chunk_tokens = chunk_size or None, chunk_tokens
+        self.sort_by_length, self.autocast_dtype, self.trim_padding = sort_by_length, autocast_dtype, trim_padding
         if no_sync is None:
             no_sync = encoder.no_sync if isinstance(encoder, DistributedDataParallel) else contextlib.nullcontext
         self.no_sync = no_sync
@@ -258,6 +174,14 @@ class GradCache:
         self.engine = encoder if _is_deepspeed_engine(encoder) else None
         if self.engine is not None and grad_scaler is not None:
             raise ValueError("a DeepSpeed engine scales its own losses: pass no grad_scaler")
+        self.bare = encoder.module if isinstance(encoder, DistributedDataParallel) or self.engine is not None else encoder
+        self.pack = _resolve_pack(pack, self.bare)
+        self.keeper = _keeper(keep_graphs, self.bare, keep_reserve_bytes)
+        self._trainable = [p for p in self.bare.parameters() if p.requires_grad]
+        # A forward that is a collective (ZeRO-3 gathers weights from every rank) cannot be dropped
+        # and run again on one rank alone.
+        stage = getattr(self.engine, "zero_optimization_stage", lambda: 0)() if self.engine is not None else 0
+        self._forward_is_collective = stage == 3 and distributed.world_size() > 1
 
     def __call__(
         self,
@@ -268,7 +192,8 @@ class GradCache:
         teacher_scores: Tensor | None = None,
     ) -> StepOutput:
         """queries: b tokenised texts; docs: b * (1 + n) tokenised texts, grouped by query (row
-        i's positive, then its n hard negatives). Hashes and teacher scores as in
+        i's positive, then its n hard negatives); either may carry its lengths on the host
+        (chunk_plan.HostLengths under "lengths"). Hashes and teacher scores as in
         ContrastiveLoss.forward."""
         b = _num_rows(queries)
         n_docs = _num_rows(docs)
@@ -290,10 +215,11 @@ class GradCache:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def _plain_step(self, queries, docs, docs_per_query, loss_inputs) -> StepOutput:
-        device = queries["input_ids"].device
-        with self._autocast(device):
-            q = self.encoder(**queries)
-            d = self.encoder(**docs)
+        plans = [plan_chunks(side, sort_by_length=False, trim_padding=self.trim_padding, pack=self.pack)
+                 for side in (queries, docs)]
+        with self._autocast(queries["input_ids"].device):
+            q = self.encoder(**plans[0].chunks[0])
+            d = self.encoder(**plans[1].chunks[0])
         d = d.view(q.shape[0], docs_per_query, -1)
         loss = self.loss_fn(q, d, *loss_inputs)
         poisoned = loss * _nan_unless_finite(loss.detach())
@@ -301,91 +227,152 @@ class GradCache:
             self.engine.backward(poisoned)
         else:
             self._scaled(poisoned).backward()
-        return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
+        return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach(), _work(plans, None))
 
     def _cached_step(self, queries, docs, docs_per_query, loss_inputs) -> StepOutput:
         device = queries["input_ids"].device
-        plan = dict(chunk_size=self.chunk_size, chunk_tokens=self.chunk_tokens, sort_by_length=self.sort_by_length,
-                    trim_padding=self.trim_padding)
-        query_order, chunks = plan_chunks(queries, **plan)
-        n_query_chunks = len(chunks)
-        doc_order, doc_chunks = plan_chunks(docs, **plan)
-        chunks += doc_chunks
-        guard = _OomGuard(self) if self.recover_oom else None
+        plans = [plan_chunks(side, self.chunk_size, self.chunk_tokens, self.sort_by_length, self.trim_padding, self.pack)
+                 for side in (queries, docs)]
+        chunks = plans[0].chunks + plans[1].chunks
+        n_query_chunks = len(plans[0].chunks)
+        tokens = [int(t) for p in plans for t in p.real_tokens]
+        guard = OomGuard(self.bare) if self.recover_oom else None
 
-        # Pass 1: no graph, so memory is one chunk's activations. DDP's wrapper is bypassed: it
-        # has nothing to prepare for a forward without backward.
-        rng_states, embeddings = self._pass_1(chunks, device, guard)
+        rng_states, embeddings, graphs = self._pass_1(chunks, tokens, device, guard)
+        try:
+            # The loss, on everything, in the batch's order; backward stops at the (leaf) embeddings.
+            with guarded(guard, "the loss", alone=True):
+                q = in_batch_order(torch.cat(embeddings[:n_query_chunks]), plans[0].order).requires_grad_()
+                d = in_batch_order(torch.cat(embeddings[n_query_chunks:]), plans[1].order)
+                d = d.view(q.shape[0], docs_per_query, -1).requires_grad_()
+                loss = self.loss_fn(q, d, *loss_inputs)
+                loss.backward()
+            grads = self._chunk_grads(q, d, loss, plans, embeddings, n_query_chunks)
+            # Pass 2: replay each re-embedded chunk's RNG state, then put the generator back where
+            # pass 1 left it, so that the rest of training draws the same numbers as without caching.
+            after_pass_1 = RngState()
+            if self.engine is not None:
+                self._engine_pass_2(chunks, rng_states, graphs, grads, device)
+            else:
+                self._pass_2(chunks, rng_states, graphs, grads, device, guard)
+            after_pass_1.restore()
+        except StepOutOfMemory:
+            if self.keeper is not None and any(g is not None for g in graphs):
+                self.keeper.out_of_memory(while_keeping=False)
+            raise
+        kept = [g is not None for g in graphs]
+        return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach(), _work(plans, kept))
 
-        # The loss, on everything, in the batch's order; backward stops at the (leaf) embeddings.
-        with guard.phase("the loss", alone=True) if guard else contextlib.nullcontext():
-            q = _in_batch_order(torch.cat(embeddings[:n_query_chunks]), query_order).requires_grad_()
-            d = _in_batch_order(torch.cat(embeddings[n_query_chunks:]), doc_order)
-            d = d.view(q.shape[0], docs_per_query, -1).requires_grad_()
-            loss = self.loss_fn(q, d, *loss_inputs)
-            loss.backward()
-        # Each chunk's slice of the cached gradient, in the order the chunks were cut.
+    def _chunk_grads(self, q, d, loss, plans, embeddings, n_query_chunks) -> list[Tensor]:
+        """Each chunk's slice of the cached gradient, in the order the chunks were cut."""
         poison = _nan_unless_finite(loss.detach())
         q_grad, d_grad = q.grad * poison, d.grad.view(-1, d.shape[-1]) * poison
-        if query_order is not None:
-            q_grad = q_grad.index_select(0, query_order.to(q_grad.device))
-        if doc_order is not None:
-            d_grad = d_grad.index_select(0, doc_order.to(d_grad.device))
+        if plans[0].order is not None:
+            q_grad = q_grad.index_select(0, plans[0].order)
+        if plans[1].order is not None:
+            d_grad = d_grad.index_select(0, plans[1].order)
         grads = list(q_grad.split([e.shape[0] for e in embeddings[:n_query_chunks]]))
-        grads += d_grad.split([e.shape[0] for e in embeddings[n_query_chunks:]])
+        return grads + list(d_grad.split([e.shape[0] for e in embeddings[n_query_chunks:]]))
 
-        # Pass 2: replay each chunk's RNG state, then put the generator back where pass 1 left it,
-        # so that the rest of training draws the same numbers as without caching.
-        after_pass_1 = RngState()
-        if self.engine is not None:
-            self._engine_pass_2(chunks, rng_states, grads, device)
-        else:
-            self._pass_2(chunks, rng_states, grads, device, guard)
-        after_pass_1.restore()
-        return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach())
+    def _pass_1(self, chunks, tokens, device, guard: OomGuard | None) -> tuple[list[RngState], list[Tensor], list]:
+        """(RNG state before each chunk, detached embeddings, kept graphs or None). The wrappers
+        are bypassed: DDP has nothing to prepare for a forward whose backward comes later, and
+        pass 2 reduces through it."""
+        # Under DDP the reducing chunk (the last) is re-embedded through the wrapper in pass 2.
+        reembedded = len(chunks) - 1 if isinstance(self.encoder, DistributedDataParallel) else None
+        if self.keeper is not None:
+            self.keeper.begin_step(max(tokens))
+        rng_states, embeddings, graphs = [], [], []
+        with guarded(guard, "pass 1"), self._autocast(device):
+            for index, chunk in enumerate(chunks):
+                rng_states.append(RngState())
+                graph = None
+                if self.keeper is not None and index != reembedded and self.keeper.fits(tokens[index]):
+                    graph = self._kept_forward(chunk, tokens[index], rng_states[-1], device)
+                if graph is None:
+                    with torch.no_grad():
+                        embeddings.append(self.bare(**chunk))
+                else:
+                    embeddings.append(graph.detach())
+                graphs.append(graph)
+        return rng_states, embeddings, graphs
 
-    def _pass_1(self, chunks, device, guard: _OomGuard | None) -> tuple[list[RngState], list[Tensor]]:
-        wrapped = isinstance(self.encoder, DistributedDataParallel) or self.engine is not None
-        embed = self.encoder.module if wrapped else self.encoder
-        rng_states, embeddings = [], []
-        with guard.phase("pass 1") if guard else contextlib.nullcontext():
-            with torch.no_grad(), self._autocast(device):
-                for chunk in chunks:
-                    rng_states.append(RngState())
-                    embeddings.append(embed(**chunk))
-        return rng_states, embeddings
+    def _kept_forward(self, chunk, tokens: int, rng: RngState, device) -> Tensor | None:
+        """The chunk embedded with grad, its graph kept; None if that ran out of memory (then
+        nothing of it is left, and the generator is back where the chunk began)."""
+        try:
+            with self.keeper.keeping(tokens, self._trainable), torch.enable_grad():
+                return self.bare(**chunk)
+        except Exception as err:
+            if not is_out_of_memory(err) or self._forward_is_collective:
+                raise
+        release(device)  # out of the except block: the failed forward's frames are gone
+        self.keeper.out_of_memory(while_keeping=True)
+        rng.restore()
+        return None
 
-    def _pass_2(self, chunks, rng_states, grads, device, guard: _OomGuard | None) -> None:
+    def _backward_chunk(self, chunk, rng: RngState, graph: Tensor | None, grad: Tensor, device) -> None:
+        if graph is None:
+            rng.restore()
+            with self._autocast(device):
+                graph = self.encoder(**chunk)
+        graph.backward(self._scaled(grad).to(graph.dtype))
+
+    def _pass_2(self, chunks, rng_states, graphs, grads, device, guard: OomGuard | None) -> None:
         """Pass 2 under DDP (or one process): every chunk but the last inside no_sync(), so the
         last one's backward reduces the gradients, once."""
         last = len(chunks) - 1
         # A DDP that broadcasts buffers before each forward makes every chunk a collective.
         collective = isinstance(self.encoder, DistributedDataParallel) and self.encoder.will_sync_module_buffers()
-        with guard.phase("pass 2", alone=collective) if guard else contextlib.nullcontext():
-            for index, (chunk, rng, grad) in enumerate(zip(chunks, rng_states, grads)):
-                if index == last:
-                    break
-                rng.restore()
+        with guarded(guard, "pass 2", alone=collective):
+            for index in range(last):
                 with self.no_sync():
-                    with self._autocast(device):
-                        emb = self.encoder(**chunk)
-                    emb.backward(self._scaled(grad).to(emb.dtype))
+                    self._backward_chunk(chunks[index], rng_states[index], graphs[index], grads[index], device)
+                graphs[index] = True if graphs[index] is not None else None  # its graph is spent: free it
         # The reducing chunk: with one process it may still fail cleanly; with several, a rank
         # that failed here would leave the others inside the reduction.
-        with guard.phase("pass 2", alone=True) if guard else contextlib.nullcontext():
-            rng_states[last].restore()
-            with self._autocast(device):
-                emb = self.encoder(**chunks[last])
-            emb.backward(self._scaled(grads[last]).to(emb.dtype))
+        with guarded(guard, "pass 2", alone=True):
+            self._backward_chunk(chunks[last], rng_states[last], graphs[last], grads[last], device)
+            graphs[last] = True if graphs[last] is not None else None
 
-    def _engine_pass_2(self, chunks, rng_states, grads, device) -> None:
+    def _engine_pass_2(self, chunks, rng_states, graphs, grads, device) -> None:
         """Pass 2 through a DeepSpeed engine. engine.backward() takes a scalar, so each chunk
         backpropagates <emb, cached grad>, whose gradient with respect to emb is the cached grad;
         the engine's loss scaling and hooks apply as for any loss. Reduction waits for the block's
         end: one per step."""
         with self.engine.coalesce_grad_reduction():
-            for chunk, rng, grad in zip(chunks, rng_states, grads):
-                rng.restore()
-                with self._autocast(device):
-                    emb = self.engine(**chunk)
+            for index, (chunk, rng, grad) in enumerate(zip(chunks, rng_states, grads)):
+                emb = graphs[index]
+                if emb is None:
+                    rng.restore()
+                    with self._autocast(device):
+                        emb = self.engine(**chunk)
                 self.engine.backward((emb * grad.to(emb.dtype)).sum())
+                graphs[index] = True if graphs[index] is not None else None
+
+
+def _resolve_pack(pack: bool | str, bare: nn.Module) -> bool:
+    supported = bool(getattr(bare, "supports_packing", False))
+    if pack == AUTO:
+        return supported
+    if pack not in (True, False):
+        raise ValueError(f"pack must be 'auto', True or False, got {pack!r}")
+    if pack and not supported:
+        raise ValueError(f"pack=True: {type(bare).__name__} cannot take packed chunks (see trainer.packing)")
+    return pack
+
+
+def _keeper(keep_graphs, bare: nn.Module, reserve_bytes: int) -> GraphKeeper | None:
+    if keep_graphs is False:
+        return None
+    if keep_graphs is not True and keep_graphs != AUTO and (not isinstance(keep_graphs, int) or keep_graphs < 0):
+        raise ValueError(f"keep_graphs must be 'auto', True, False or a number of bytes, got {keep_graphs!r}")
+    device = next(bare.parameters()).device
+    return GraphKeeper(None if keep_graphs is True else keep_graphs, device, reserve_bytes)
+
+
+def _num_rows(batch: Batch) -> int:
+    sizes = {value.shape[0] for key, value in batch.items() if key != LENGTHS}
+    if len(sizes) != 1:
+        raise ValueError(f"tensors of one batch disagree on the number of rows: {sorted(sizes)}")
+    return sizes.pop()

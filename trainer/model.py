@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.lora import mergeable_layers, merged_state_dict
+from trainer.packing import PackedLayout, enable_packed_attention, pool_packed, supports_packing
 
 POOLINGS = ("mean", "cls", "last_token")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,12 +77,24 @@ def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
 
 
 class Encoder(nn.Module):
-    """A transformer backbone and a pooling: forward(input_ids, attention_mask, ...) -> (b, h) fp32."""
+    """A transformer backbone and a pooling: forward(input_ids, attention_mask, ...) -> (b, h) fp32,
+    or forward(input_ids (1, T), position_ids, packed=PackedLayout) for a packed chunk (packing.py).
 
-    def __init__(self, backbone: PreTrainedModel, pooling: str = "mean") -> None:
+    packing: route attention through packing.packed_attention so that packed chunks can be fed
+    (padded batches compute as before); "auto" where the model supports it, False never."""
+
+    def __init__(self, backbone: PreTrainedModel, pooling: str = "mean", packing: bool | str = "auto") -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if packing not in ("auto", True, False):
+            raise ValueError(f"packing must be 'auto', True or False, got {packing!r}")
+        if packing is True and not supports_packing(backbone):
+            raise ValueError(f"model.packing=on: {type(backbone).__name__} does not dispatch its attention through "
+                             "transformers' AttentionInterface, so its texts cannot be packed; set model.packing=auto or off")
+        self.supports_packing = packing is not False and supports_packing(backbone)
+        if self.supports_packing:
+            enable_packed_attention(backbone)
         # BERT-style models carry a pooler head that text embeddings never use. Left in place its
         # parameters get no gradient, which DDP (find_unused_parameters=False) treats as an error.
         # Its weights are kept aside, as loaded, for the export: a model folder without them makes
@@ -97,11 +110,11 @@ class Encoder(nn.Module):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str, pooling: str | None = None, dropout: float | None = None,
-        trust_remote_code: bool = False, **hf_kwargs,
+        trust_remote_code: bool = False, packing: bool | str = "auto", **hf_kwargs,
     ) -> Encoder:
         """Load a transformer (see resolve_model_path). pooling None takes a saved
         sentence-transformers folder's own pooling, else mean; dropout overrides the config's;
-        a model with its own code is refused unless trust_remote_code."""
+        a model with its own code is refused unless trust_remote_code; packing as in Encoder."""
         path = resolve_model_path(name_or_path)
         check_remote_code(path, trust_remote_code)
         hf_kwargs["trust_remote_code"] = trust_remote_code
@@ -111,7 +124,7 @@ class Encoder(nn.Module):
                 if isinstance(getattr(config, key, None), float):
                     setattr(config, key, dropout)
         backbone = AutoModel.from_pretrained(path, config=config, **hf_kwargs)
-        return cls(backbone, pooling=pooling or _saved_pooling(path) or "mean")
+        return cls(backbone, pooling=pooling or _saved_pooling(path) or "mean", packing=packing)
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | str | None = None) -> None:
         """Freeze the transformer and train low-rank adapters on its linear layers (peft's LoRA).
@@ -146,7 +159,11 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         return self.backbone.config.hidden_size
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, packed: PackedLayout | None = None,
+                **kwargs: Tensor) -> Tensor:
+        if packed is not None:
+            out = self.backbone(input_ids=input_ids, packed_layout=packed, **kwargs)
+            return pool_packed(out.last_hidden_state[0], packed, self.pooling)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return pool(out.last_hidden_state, attention_mask, self.pooling)
 

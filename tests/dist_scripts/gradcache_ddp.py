@@ -1,5 +1,6 @@
 """Under torchrun (2 ranks, gloo): GradCache through DDP gives the single-process full-batch
-gradients, replays dropout, and reduces gradients once per step (counted by a comm hook)."""
+gradients, replays dropout, and reduces gradients once per step (counted by a comm hook), with
+packed chunks and kept graphs (the defaults) as with padded chunks all re-embedded."""
 
 import contextlib
 
@@ -10,7 +11,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.tiny import token_batch, tiny_encoder
 from trainer import distributed
-from trainer.gradcache import GradCache, plan_chunks
+from trainer.chunk_plan import plan_chunks
+from trainer.gradcache import GradCache
 from trainer.losses import ContrastiveLoss
 
 env = distributed.init_distributed()
@@ -52,13 +54,16 @@ def wrapped(dropout):
     return encoder, ddp, calls
 
 
+CLASSIC = dict(pack=False, keep_graphs=False)  # padded chunks, every one re-embedded
 for preset in ["infonce", "symmetric", "gte"]:
-    # 1. Dropout off: cached DDP step == plain single-process step on the whole global batch.
-    encoder, ddp, calls = wrapped(dropout=0.0)
-    GradCache(ddp, ContrastiveLoss.from_preset(preset), chunk_size=CHUNK)(queries, docs)
+    # 1. Dropout off: cached DDP step == plain single-process step on the whole global batch
+    # (padded, one forward), whether chunks are packed and graphs kept or not.
     reference = tiny_encoder(dropout=0.0, seed=0)
-    GradCache(reference, ContrastiveLoss.from_preset(preset, gather=False))(queries_all, docs_all)
-    assert_close(grads(encoder), grads(reference), f"{preset} cached-vs-plain")
+    GradCache(reference, ContrastiveLoss.from_preset(preset, gather=False), pack=False)(queries_all, docs_all)
+    for name, how in {"packed+kept": {}, "padded+reembedded": CLASSIC}.items():
+        encoder, ddp, calls = wrapped(dropout=0.0)
+        GradCache(ddp, ContrastiveLoss.from_preset(preset), chunk_size=CHUNK, **how)(queries, docs)
+        assert_close(grads(encoder), grads(reference), f"{preset} {name} cached-vs-plain")
 
 # 2. One reduction per bucket per step. Step 1 lets DDP rebuild its buckets; step 2 (plain)
 # counts the buckets; step 3 (cached, 3 + 3 chunks) must reduce exactly as often.
@@ -69,17 +74,23 @@ zero(encoder)
 calls[0] = 0
 GradCache(ddp, loss_fn)(queries, docs)
 buckets = calls[0]
+cached_calls = {}
+for name, how in {"kept": dict(keep_graphs=True), "reembedded": CLASSIC, "half kept": dict(keep_graphs=40_000)}.items():
+    zero(encoder)
+    calls[0] = 0
+    out = GradCache(ddp, loss_fn, chunk_size=CHUNK, **how)(queries, docs)
+    cached_calls[name] = calls[0], out.work.kept_chunks
 zero(encoder)
 calls[0] = 0
-GradCache(ddp, loss_fn, chunk_size=CHUNK)(queries, docs)
-cached_calls = calls[0]
-zero(encoder)
-calls[0] = 0
-# Negative control: without no_sync every chunk's backward reduces.
-GradCache(ddp, loss_fn, chunk_size=CHUNK, no_sync=contextlib.nullcontext)(queries, docs)
+# Negative control: without no_sync every re-embedded chunk's backward reduces.
+GradCache(ddp, loss_fn, chunk_size=CHUNK, no_sync=contextlib.nullcontext, **CLASSIC)(queries, docs)
 unsynced_calls = calls[0]
 assert buckets >= 2, f"expected several buckets, got {buckets}"
-assert cached_calls == buckets, f"cached step reduced {cached_calls} times for {buckets} buckets"
+for name, (count, kept) in cached_calls.items():
+    assert count == buckets, f"{name} cached step reduced {count} times for {buckets} buckets"
+# 3 + 3 chunks: all kept but the reducing one, none, some (the byte budget keeps a few).
+assert [kept for _, kept in cached_calls.values()][:2] == [5, 0], cached_calls
+assert 0 < cached_calls["half kept"][1] < 5, cached_calls
 assert unsynced_calls > buckets, f"the counter missed per-chunk reductions ({unsynced_calls})"
 
 # 3. Dropout on: each rank replays its own RNG sequence. The reference forwards every rank's
@@ -94,10 +105,20 @@ for rank in range(W):
     torch.manual_seed(100 + rank)
     for side, parts in ((queries_all, q_parts), (docs_all, d_parts)):
         # The step's own chunks (its texts ordered by length), put back in the batch's order.
-        order, chunks = plan_chunks({k: v[rank_rows] for k, v in side.items()}, CHUNK)
+        plan = plan_chunks({k: v[rank_rows] for k, v in side.items()}, CHUNK, pack=True)
+        order, chunks = plan.order, plan.chunks
         parts.append(torch.cat([reference(**c) for c in chunks])[order.argsort()])
 ContrastiveLoss(gather=False)(torch.cat(q_parts), torch.cat(d_parts)).backward()
 assert_close(grads(encoder), grads(reference), "dropout replay")
+# Kept graphs and re-embedded chunks draw the same masks: the same gradients with dropout on.
+for keep in (True, False):
+    encoder, ddp, calls = wrapped(dropout=0.1)
+    torch.manual_seed(100 + r)
+    GradCache(ddp, ContrastiveLoss(), chunk_size=CHUNK, keep_graphs=keep)(queries, docs)
+    if keep:
+        kept_grads = grads(encoder)
+assert_close(grads(encoder), kept_grads, "dropout kept-vs-reembedded")
 
-print(f"rank {r}: gradcache DDP ok ({buckets} buckets; cached {cached_calls}, unsynced {unsynced_calls} reductions)")
+print(f"rank {r}: gradcache DDP ok ({buckets} buckets; cached (reductions, kept chunks) {cached_calls}, "
+      f"unsynced {unsynced_calls} reductions)")
 distributed.teardown()

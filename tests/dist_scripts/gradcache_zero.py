@@ -1,7 +1,7 @@
 """Under torchrun (2 ranks, gloo): GradCache driving DeepSpeed ZeRO engines.
 
-Three cached steps (chunk 3, 8 pairs per rank, dropout off) of a tiny BERT under DDP are the
-reference. Then, for each argument (a stage, e.g. "3"; "2-dropout" for dropout 0.1 in both, which
+Three cached steps (chunk 3, 8 pairs per rank, dropout off) of a tiny BERT under DDP, every chunk
+re-embedded, are the reference; the ZeRO steps keep every chunk's graph instead (the default). Then, for each argument (a stage, e.g. "3"; "2-dropout" for dropout 0.1 in both, which
 GradCache must replay identically through the engine; "3-offload" for CPU Adam on offloaded
 optimizer state; "1-nocoalesce" for the negative control
 that drops the engine's coalesce_grad_reduction), the same steps under ZeRO: their gradients and
@@ -67,7 +67,9 @@ def ddp_reference(dropout: float, clip: bool = True, nudge: bool = False) -> tup
         encoder = tiny_encoder(dropout=dropout, seed=0)
         ddp = DDP(encoder)
         optimizer = torch.optim.AdamW(encoder.parameters(), lr=LR)
-        step_fn = GradCache(ddp, ContrastiveLoss.from_preset("gte"), chunk_size=CHUNK)
+        # Every chunk re-embedded, as packed as ZeRO's (the same kernels, so step 1 can be compared
+        # bit for bit; gradcache_ddp.py checks packed against padded).
+        step_fn = GradCache(ddp, ContrastiveLoss.from_preset("gte"), chunk_size=CHUNK, keep_graphs=False)
         torch.manual_seed(100 + r)  # each rank its own dropout masks, as in the trainer
         grads = []
         for step in range(STEPS):
@@ -121,12 +123,14 @@ def zero_run(stage: int, coalesce: bool, dropout: float, offload: bool, clip: bo
     if not coalesce:  # the negative control: the engine reduces on every backward
         engine.coalesce_grad_reduction = contextlib.nullcontext
     names = [n for n, _ in zero_encoder.named_parameters()]
-    zero_grads, cached_reductions = [], []
+    zero_grads, cached_reductions, kept = [], [], []
     torch.manual_seed(100 + r)
     for step in range(STEPS):
         before = reductions()
-        GradCache(engine, ContrastiveLoss.from_preset("gte"), chunk_size=CHUNK)(*batch(step))
+        # The defaults: chunks packed, every graph kept (memory allows it here).
+        out = GradCache(engine, ContrastiveLoss.from_preset("gte"), chunk_size=CHUNK)(*batch(step))
         cached_reductions.append(reductions() - before)
+        kept.append(out.work.kept_chunks / out.work.chunks)
         zero_grads.append({n: safe_get_full_grad(p) for n, p in zero_encoder.named_parameters()})
         engine.step()
     zero_params = {n: safe_get_full_fp32_param(p) for n, p in zero_encoder.named_parameters()}
@@ -144,7 +148,7 @@ def zero_run(stage: int, coalesce: bool, dropout: float, offload: bool, clip: bo
     return {
         "grad_diffs": grad_diffs, "param_diff": param_diff, "param_moved": param_moved,
         "control_grad_diffs": control_grad_diffs, "control_param_diff": control_param_diff,
-        "cached_reductions": cached_reductions, "plain_reductions": plain_reductions,
+        "cached_reductions": cached_reductions, "plain_reductions": plain_reductions, "kept": kept,
     }
 
 
