@@ -78,6 +78,11 @@ def test_sizes_in_the_config():
 # --------------------------------------------------------------- halving, errors injected
 
 
+# The classic step (padded chunks, every one re-embedded), whose pass 1 runs without grad: what the
+# failures below are injected by. Kept graphs' own fallback is tested in tests/test_packing.py.
+CLASSIC = dict(pack=False, keep_graphs=False)
+
+
 class FailsAbove(torch.nn.Module):
     """The tiny encoder, failing like an allocator when a chunk holds more than `tokens` padded
     tokens: in pass 1 (no grad) or pass 2 (grad), as asked."""
@@ -101,7 +106,8 @@ def test_a_step_that_runs_out_of_memory_is_run_again_with_half_the_budget(when):
     queries, docs = batches()
     failing = FailsAbove(tokens=60, when=when)
     said = []
-    step = AdaptiveStep(GradCache(failing, ContrastiveLoss(), chunk_tokens=400, recover_oom=True), torch.device("cpu"), say=said.append)
+    step = AdaptiveStep(GradCache(failing, ContrastiveLoss(), chunk_tokens=400, recover_oom=True, **CLASSIC), torch.device("cpu"),
+                        say=said.append)
     torch.manual_seed(3)
     out = step(queries, docs)
     after = torch.rand(4)
@@ -111,7 +117,7 @@ def test_a_step_that_runs_out_of_memory_is_run_again_with_half_the_budget(when):
 
     reference = tiny_encoder(dropout=0.1)
     torch.manual_seed(3)
-    expected = GradCache(reference, ContrastiveLoss(), chunk_tokens=step.budget)(queries, docs)
+    expected = GradCache(reference, ContrastiveLoss(), chunk_tokens=step.budget, **CLASSIC)(queries, docs)
     assert torch.equal(torch.rand(4), after)
     assert torch.equal(out.loss, expected.loss)
     for name, grad in grads_of(reference).items():
@@ -120,7 +126,7 @@ def test_a_step_that_runs_out_of_memory_is_run_again_with_half_the_budget(when):
 
 def test_halving_stops_at_one_text_per_chunk_with_a_hint():
     queries, docs = batches()
-    step = AdaptiveStep(GradCache(FailsAbove(tokens=0, when="both"), ContrastiveLoss(), chunk_size=4, recover_oom=True),
+    step = AdaptiveStep(GradCache(FailsAbove(tokens=0, when="both"), ContrastiveLoss(), chunk_size=4, recover_oom=True, **CLASSIC),
                         torch.device("cpu"), say=lambda _: None)
     with pytest.raises(RuntimeError, match="already one text each.*loss.tile_size"):
         step(queries, docs)
@@ -173,13 +179,26 @@ def test_an_embedding_batch_that_runs_out_of_memory_is_split():
 
 
 def test_a_real_allocation_failure_halves_the_budget_and_gives_the_smaller_budgets_step():
-    proc = limited("limited_step.py", "250")
+    proc = limited("limited_step.py", "250", "classic")
     results = [json.loads(line.removeprefix("RESULT ")) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and results, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = results[0]
     assert result["changes"] and result["budget"] < 256 * 64, result  # the limit did bite
     assert "can't allocate memory" in proc.stdout
     # The same chunks and generator states as the reference: the same arithmetic, bit for bit.
+    assert result["grad_diff"] == 0.0 and result["loss_diff"] == 0.0 and result["generator_diff"] == 0.0, result
+
+
+def test_kept_graphs_stay_within_a_real_memory_limit_and_change_nothing():
+    """The auto budget under the same address-space limit: some graphs kept, the step finishes
+    (falling back to fewer kept graphs where the limit bites), with the gradients of the step that
+    re-embeds every chunk. Kept and re-embedded chunks run the same kernels on the same inputs and
+    generator states, so the arithmetic is the same, bit for bit."""
+    proc = limited("limited_step.py", "250", "kept", "2048")
+    results = [json.loads(line.removeprefix("RESULT ")) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = results[0]
+    assert 0 < result["kept_chunks"] < result["chunks"], result  # memory held some graphs, not all
     assert result["grad_diff"] == 0.0 and result["loss_diff"] == 0.0 and result["generator_diff"] == 0.0, result
 
 

@@ -177,7 +177,6 @@ class GradCache:
         self.bare = encoder.module if isinstance(encoder, DistributedDataParallel) or self.engine is not None else encoder
         self.pack = _resolve_pack(pack, self.bare)
         self.keeper = _keeper(keep_graphs, self.bare, keep_reserve_bytes)
-        self._trainable = [p for p in self.bare.parameters() if p.requires_grad]
         # A forward that is a collective (ZeRO-3 gathers weights from every rank) cannot be dropped
         # and run again on one rank alone.
         stage = getattr(self.engine, "zero_optimization_stage", lambda: 0)() if self.engine is not None else 0
@@ -238,8 +237,9 @@ class GradCache:
         tokens = [int(t) for p in plans for t in p.real_tokens]
         guard = OomGuard(self.bare) if self.recover_oom else None
 
-        rng_states, embeddings, graphs = self._pass_1(chunks, tokens, device, guard)
+        graphs: list = []  # filled by pass 1: each chunk's kept graph, or None
         try:
+            rng_states, embeddings = self._pass_1(chunks, tokens, device, guard, graphs)
             # The loss, on everything, in the batch's order; backward stops at the (leaf) embeddings.
             with guarded(guard, "the loss", alone=True):
                 q = in_batch_order(torch.cat(embeddings[:n_query_chunks]), plans[0].order).requires_grad_()
@@ -274,40 +274,53 @@ class GradCache:
         grads = list(q_grad.split([e.shape[0] for e in embeddings[:n_query_chunks]]))
         return grads + list(d_grad.split([e.shape[0] for e in embeddings[n_query_chunks:]]))
 
-    def _pass_1(self, chunks, tokens, device, guard: OomGuard | None) -> tuple[list[RngState], list[Tensor], list]:
-        """(RNG state before each chunk, detached embeddings, kept graphs or None). The wrappers
-        are bypassed: DDP has nothing to prepare for a forward whose backward comes later, and
-        pass 2 reduces through it."""
+    def _pass_1(self, chunks, tokens, device, guard: OomGuard | None, graphs: list) -> tuple[list[RngState], list[Tensor]]:
+        """(RNG state before each chunk, detached embeddings); `graphs` gets each chunk's kept
+        graph or None. The wrappers are bypassed: DDP has nothing to prepare for a forward whose
+        backward comes later, and pass 2 reduces through it."""
         # Under DDP the reducing chunk (the last) is re-embedded through the wrapper in pass 2.
         reembedded = len(chunks) - 1 if isinstance(self.encoder, DistributedDataParallel) else None
         if self.keeper is not None:
             self.keeper.begin_step(max(tokens))
-        rng_states, embeddings, graphs = [], [], []
+        rng_states, embeddings = [], []
         with guarded(guard, "pass 1"), self._autocast(device):
             for index, chunk in enumerate(chunks):
                 rng_states.append(RngState())
                 graph = None
                 if self.keeper is not None and index != reembedded and self.keeper.fits(tokens[index]):
                     graph = self._kept_forward(chunk, tokens[index], rng_states[-1], device)
-                if graph is None:
-                    with torch.no_grad():
-                        embeddings.append(self.bare(**chunk))
-                else:
-                    embeddings.append(graph.detach())
                 graphs.append(graph)
-        return rng_states, embeddings, graphs
+                embeddings.append(graph.detach() if graph is not None else self._forward_without_graph(chunk, rng_states[-1], graphs, device))
+        return rng_states, embeddings
+
+    def _forward_without_graph(self, chunk, rng: RngState, graphs: list, device) -> Tensor:
+        """The chunk embedded without grad. Should that run out of memory while graphs are kept,
+        they are dropped (their chunks are re-embedded in pass 2 instead: the same result) and
+        the chunk is embedded again from its generator state."""
+        try:
+            with torch.no_grad():
+                return self.bare(**chunk)
+        except Exception as err:
+            if not is_out_of_memory(err) or self._forward_is_collective or all(g is None for g in graphs):
+                raise
+        graphs[:] = [None] * len(graphs)
+        release(device)  # out of the except block: the failed forward's frames are gone
+        self.keeper.out_of_memory(while_keeping=False)
+        rng.restore()
+        with torch.no_grad():
+            return self.bare(**chunk)
 
     def _kept_forward(self, chunk, tokens: int, rng: RngState, device) -> Tensor | None:
         """The chunk embedded with grad, its graph kept; None if that ran out of memory (then
         nothing of it is left, and the generator is back where the chunk began)."""
         try:
-            with self.keeper.keeping(tokens, self._trainable), torch.enable_grad():
+            with self.keeper.keeping(tokens), torch.enable_grad():
                 return self.bare(**chunk)
         except Exception as err:
             if not is_out_of_memory(err) or self._forward_is_collective:
                 raise
         release(device)  # out of the except block: the failed forward's frames are gone
-        self.keeper.out_of_memory(while_keeping=True)
+        self.keeper.out_of_memory(while_keeping=True, tokens=tokens)
         rng.restore()
         return None
 

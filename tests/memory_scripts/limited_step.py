@@ -2,7 +2,11 @@
 AdaptiveStep must meet a real allocation failure, halve the budget and finish, with the
 gradients of a step run at the final budget from the start. Prints one "RESULT {json}" line.
 
-    python tests/memory_scripts/limited_step.py MARGIN_MB
+    python tests/memory_scripts/limited_step.py MARGIN_MB [classic|kept] [CHUNK_TOKENS]
+
+classic: padded chunks, every one re-embedded (the failures come from the chunk budget alone);
+kept: the defaults, packed chunks and graphs kept within the auto memory budget, which must
+stay within the limit or fall back to keeping fewer, with the classic step's gradients.
 """
 
 import json
@@ -38,16 +42,22 @@ margin = int(sys.argv[1]) << 20
 _, hard = resource.getrlimit(resource.RLIMIT_AS)
 resource.setrlimit(resource.RLIMIT_AS, (_proc_status("VmSize") + margin, hard))
 
+mode = sys.argv[2] if len(sys.argv) > 2 else "classic"
+CLASSIC = dict(pack=False, keep_graphs=False)
 adaptive_model = encoder()
 torch.manual_seed(7)
-step = AdaptiveStep(GradCache(adaptive_model, ContrastiveLoss(), chunk_tokens=ROWS * LENGTH, recover_oom=True),
+budget = int(sys.argv[3]) if len(sys.argv) > 3 else ROWS * LENGTH
+step = AdaptiveStep(GradCache(adaptive_model, ContrastiveLoss(), chunk_tokens=budget, recover_oom=True,
+                              **(CLASSIC if mode == "classic" else dict(pack=True))),
                     torch.device("cpu"), say=lambda text: print(text, flush=True))
 out = step(queries, docs)
 after_step = torch.rand(3)
 
 reference_model = encoder()
 torch.manual_seed(7)
-reference = GradCache(reference_model, ContrastiveLoss(), chunk_tokens=step.budget)(queries, docs)
+# The kept run's reference re-embeds every chunk of the same packed plan (the same masks).
+reference = GradCache(reference_model, ContrastiveLoss(), chunk_tokens=step.budget,
+                      **(CLASSIC if mode == "classic" else dict(pack=True, keep_graphs=False)))(queries, docs)
 after_reference = torch.rand(3)
 ours, theirs = grads(adaptive_model), grads(reference_model)
 print("RESULT " + json.dumps({
@@ -57,4 +67,5 @@ print("RESULT " + json.dumps({
     "grad_diff": max(float((ours[n] - theirs[n]).abs().max()) for n in theirs),
     "same_parameters": sorted(ours) == sorted(theirs),
     "generator_diff": float((after_step - after_reference).abs().max()),
+    "kept_chunks": out.work.kept_chunks, "chunks": out.work.chunks,
 }), flush=True)
