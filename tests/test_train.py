@@ -67,8 +67,13 @@ def full_run(assets, tmp_path_factory):
 def test_cli_run_writes_every_output(full_run):
     records = metrics(full_run)
     assert [m["step"] for m in records] == list(range(1, 7))
-    for key in ("step", "epoch", "loss", "lr", "temperature", "pairs_per_s", "accuracy", "pos_sim", "neg_sim", "emb_std"):
+    for key in ("step", "epoch", "loss", "lr", "temperature", "pairs_per_s", "tokens_per_s", "padding", "accuracy",
+                "pos_sim", "neg_sim", "emb_std"):
         assert all(key in m for m in records), key
+    # A plain step packs each side: every computed token is real. A pair holds at least 4 tokens
+    # ([CLS] and [SEP] twice) and its words. No device peak on a CPU: no mfu.
+    assert all(m["padding"] == 0.0 and m["tokens_per_s"] > 4 * m["pairs_per_s"] for m in records), records[0]
+    assert not any("mfu" in m for m in records)
     assert {"alignment", "uniformity", "loss_infonce", "loss_symmetric", "loss_gte"} <= records[2].keys()
     assert records[0]["lr"] == 0.0 and records[1]["lr"] == pytest.approx(1e-3)  # one warm-up step, then decay
     evals = [json.loads(line) for line in (full_run / "eval.jsonl").read_text().splitlines()]

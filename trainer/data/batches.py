@@ -1,5 +1,5 @@
 """Model inputs for one step: this rank's rows read from the memory-mapped caches, hard negatives
-chosen, padded into tensors.
+chosen, padded into tensors (with each text's length on the host, for GradCache's plan).
 
 Hard negatives: a row that has more than `num_negatives` gets a seeded choice of that many, drawn
 anew each epoch of its source (more of the mined list gets used over a run); a row with exactly
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from trainer.chunk_plan import LENGTHS, HostLengths
 from trainer.data.cache import CachedRows
 from trainer.data.mapped import PaddedTokens
 from trainer.data.sampling import BatchRows, GlobalBatches, _mix, hash_key
@@ -104,9 +105,13 @@ def collate(
     pad_id, left = _padding(tokenizer)
     query_ids, query_mask = queries.build(pad_id, left)
     doc_ids, doc_mask = docs.build(pad_id, left)
+    # The lengths ride along on the host, so that GradCache plans its chunks without reading the
+    # masks back from the device.
     return {
-        "queries": {"input_ids": torch.from_numpy(query_ids), "attention_mask": torch.from_numpy(query_mask)},
-        "docs": {"input_ids": torch.from_numpy(doc_ids), "attention_mask": torch.from_numpy(doc_mask)},
+        "queries": {"input_ids": torch.from_numpy(query_ids), "attention_mask": torch.from_numpy(query_mask),
+                    LENGTHS: HostLengths(queries.lengths.astype(np.int64), left)},
+        "docs": {"input_ids": torch.from_numpy(doc_ids), "attention_mask": torch.from_numpy(doc_mask),
+                 LENGTHS: HostLengths(docs.lengths.astype(np.int64), left)},
         "query_hashes": torch.from_numpy(query_hash),
         "doc_hashes": torch.from_numpy(doc_hash.reshape(b, group)),
         **({"teacher_scores": torch.from_numpy(teacher.reshape(b, group))} if teacher is not None else {}),
