@@ -41,7 +41,7 @@ SHAPES = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522),
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522),
 }
-METHODS = ("floor", "ours", "st", "st-autocast")
+METHODS = ("floor", "ours", "ours-fixed", "ours-recompute", "st", "st-autocast", "st-tokens", "st-plain")
 
 
 def build_backbone(shape: str) -> BertModel:
@@ -64,19 +64,19 @@ def sync(device: str) -> None:
 
 
 def make_floor_step(args, backbone):
-    from trainer.gradcache import plan_chunks
+    from trainer.chunk_plan import plan_chunks
     from trainer.model import Encoder
 
     encoder = Encoder(backbone).to(args.device)
-    sort = getattr(args, "sort_by_length", True)
+    tokens = getattr(args, "chunk_tokens", None)
+    tokens = tokens if isinstance(tokens, int) else None
 
     def step(queries, docs):
-        # The chunks our step cuts (ordered by length unless told otherwise).
-        chunks = plan_chunks(queries, args.chunk, sort_by_length=sort)[1] + plan_chunks(docs, args.chunk, sort_by_length=sort)[1]
+        # What any step must pay: one forward and one backward of every real token, here in our
+        # packed chunks (no padding), no loss, no optimizer. A step that re-embeds pays a no-grad
+        # forward more; one that keeps its graphs pays this.
+        chunks = [c for side in (queries, docs) for c in plan_chunks(side, args.chunk if not tokens else None, tokens, pack=True).chunks]
         with torch.autocast(args.device, dtype=args.dtype, enabled=args.dtype != torch.float32):
-            with torch.no_grad():
-                for chunk in chunks:
-                    encoder(**chunk)
             for chunk in chunks:
                 encoder(**chunk).pow(2).mean().backward()
 
@@ -84,39 +84,44 @@ def make_floor_step(args, backbone):
 
 
 def make_our_step(args, backbone):
+    """ours: the library's defaults (packed chunks, graphs kept within the auto memory budget) over
+    a token budget (--chunk-tokens, or 'auto' as the trainer probes it); ours-fixed: the step as
+    it was, padded chunks of --chunk rows, every chunk re-embedded."""
     from trainer.gradcache import GradCache
     from trainer.losses import ContrastiveLoss
     from trainer.model import Encoder
 
     encoder = Encoder(backbone).to(args.device)
     autocast = None if args.dtype == torch.float32 else args.dtype
-    chunk_size, chunk_tokens = args.chunk, getattr(args, "chunk_tokens", None)
+    fixed = getattr(args, "one", "") in ("ours-fixed", "ours-unordered")
+    chunk_size, chunk_tokens = (args.chunk, None) if fixed else (None, getattr(args, "chunk_tokens", None) or args.chunk * 128)
     if chunk_tokens == "auto":  # what grad_cache.chunk_tokens=auto does before step 1
         from trainer.autochunk import probe_chunk_tokens, training_reserve
 
         length = getattr(args, "max_length", 128)
         probe = probe_chunk_tokens(encoder, torch.device(args.device), length, args.batch, autocast,
                                    reserve_bytes=training_reserve(encoder, 2 * args.batch))
-        chunk_size, chunk_tokens = None, probe.rows * length
-        args.probed_tokens = chunk_tokens
+        chunk_tokens = probe.rows * length
+    args.probed_tokens = chunk_tokens
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=args.device == "cuda")
     loss_fn = ContrastiveLoss(temperature=0.05, tile_size=args.tile or None)
-    cached = GradCache(
-        encoder, loss_fn, chunk_size=chunk_size, chunk_tokens=chunk_tokens, autocast_dtype=autocast,
-        sort_by_length=getattr(args, "sort_by_length", True),
-    )
+    how = dict(pack=False, keep_graphs=False) if fixed else {}
+    if getattr(args, "one", "") == "ours-recompute":
+        how = dict(keep_graphs=False)
+    cached = GradCache(encoder, loss_fn, chunk_size=chunk_size, chunk_tokens=chunk_tokens, autocast_dtype=autocast,
+                       sort_by_length=getattr(args, "sort_by_length", True), **how)
+    args.last_work = None
 
     def step(queries, docs):
-        cached(queries, docs)
+        args.last_work = cached(queries, docs).work
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def make_st_step(args, backbone):
+def _st_model(args, backbone):
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 
     try:
         from sentence_transformers.models import Pooling, Transformer
@@ -133,14 +138,47 @@ def make_st_step(args, backbone):
     shutil.rmtree(folder)  # loaded: the weights' copy on disk (440 MB at BERT-base) is not needed again
     model = SentenceTransformer(modules=[transformer, Pooling(backbone.config.hidden_size, "mean")], device=args.device)
     model.train()
-    loss_fn = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.device == "cuda")
+    return model
 
-    # As its trainer runs it, backward outside autocast (its re-embedding then runs in fp32), or
-    # with backward moved inside autocast (the known fix).
-    backward_in_autocast = getattr(args, "st_backward_in_autocast", False)
+
+def flash_attn_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def make_st_step(args, backbone):
+    """sentence-transformers' losses, run as its trainer runs them (the loss call inside
+    autocast):
+      st           CachedMultipleNegativesRankingLoss, mini_batch_size=--chunk, backward outside
+                   autocast (its re-embedding then runs in fp32), as shipped;
+      st-autocast  the same with backward moved inside autocast (the known fix);
+      st-tokens    its best cached configuration: token-packed mini-batches
+                   (mini_batch_num_tokens = our token budget) and backward inside autocast;
+      st-plain     plain MultipleNegativesRankingLoss (one forward/backward of the whole batch,
+                   where it fits), backward inside autocast.
+    Its flattened padding-free inputs need flash-attn (DataCollatorWithFlattening); where flash-attn
+    is not importable they are not used, and the report says so."""
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss,
+    )
+
+    model = _st_model(args, backbone)
+    method = getattr(args, "one", "st")
+    if method == "st-plain":
+        loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
+    elif method == "st-tokens":
+        tokens = getattr(args, "chunk_tokens", None)
+        tokens = tokens if isinstance(tokens, int) else args.chunk * 128
+        loss_fn = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=10**9, mini_batch_num_tokens=tokens)
+    else:
+        loss_fn = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.device == "cuda")
+    backward_in_autocast = method != "st"
 
     def step(queries, docs):
+        queries = {k: v for k, v in queries.items() if k != "lengths"}
+        docs = {k: v for k, v in docs.items() if k != "lengths"}
         with torch.autocast(args.device, dtype=args.dtype, enabled=args.dtype != torch.float32):
             loss = loss_fn([dict(queries), dict(docs)], labels=None)
             if backward_in_autocast:
@@ -153,14 +191,18 @@ def make_st_step(args, backbone):
     return step
 
 
+STEP_BUILDERS = {"floor": make_floor_step, "ours": make_our_step, "ours-fixed": make_our_step,
+                 "ours-recompute": make_our_step, "ours-unordered": make_our_step, "st": make_st_step,
+                 "st-autocast": make_st_step, "st-tokens": make_st_step, "st-plain": make_st_step}
+
+
 def measure_one(args) -> dict:
     """Runs inside the subprocess: build, warm up, time `steps` steps, report."""
     backbone = build_backbone(args.shape)
     vocab = SHAPES[args.shape]["vocab_size"]
     queries = random_tokens(args.batch, args.q_len, vocab, args.device)
     docs = random_tokens(args.batch, args.d_len, vocab, args.device)
-    args.st_backward_in_autocast = args.one == "st-autocast"
-    step = {"floor": make_floor_step, "ours": make_our_step, "st": make_st_step, "st-autocast": make_st_step}[args.one](args, backbone)
+    step = STEP_BUILDERS[args.one](args, backbone)
     step(queries, docs)  # warm-up: allocator, kernels, optimizer state
     sync(args.device)
     if args.device == "cuda":

