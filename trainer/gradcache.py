@@ -248,6 +248,7 @@ class GradCache:
                 loss = self.loss_fn(q, d, *loss_inputs)
                 loss.backward()
             grads = self._chunk_grads(q, d, loss, plans, embeddings, n_query_chunks)
+            kept = [g is not None for g in graphs]  # pass 2 frees each graph once it is spent
             # Pass 2: replay each re-embedded chunk's RNG state, then put the generator back where
             # pass 1 left it, so that the rest of training draws the same numbers as without caching.
             after_pass_1 = RngState()
@@ -260,7 +261,6 @@ class GradCache:
             if self.keeper is not None and any(g is not None for g in graphs):
                 self.keeper.out_of_memory(while_keeping=False)
             raise
-        kept = [g is not None for g in graphs]
         return StepOutput(loss.detach(), self.loss_fn.last_stats, q.detach(), d.detach(), _work(plans, kept))
 
     def _chunk_grads(self, q, d, loss, plans, embeddings, n_query_chunks) -> list[Tensor]:
@@ -341,12 +341,12 @@ class GradCache:
             for index in range(last):
                 with self.no_sync():
                     self._backward_chunk(chunks[index], rng_states[index], graphs[index], grads[index], device)
-                graphs[index] = True if graphs[index] is not None else None  # its graph is spent: free it
+                graphs[index] = None  # spent: its memory goes back before the next chunk runs
         # The reducing chunk: with one process it may still fail cleanly; with several, a rank
         # that failed here would leave the others inside the reduction.
         with guarded(guard, "pass 2", alone=True):
             self._backward_chunk(chunks[last], rng_states[last], graphs[last], grads[last], device)
-            graphs[last] = True if graphs[last] is not None else None
+            graphs[last] = None
 
     def _engine_pass_2(self, chunks, rng_states, graphs, grads, device) -> None:
         """Pass 2 through a DeepSpeed engine. engine.backward() takes a scalar, so each chunk
@@ -361,7 +361,7 @@ class GradCache:
                     with self._autocast(device):
                         emb = self.engine(**chunk)
                 self.engine.backward((emb * grad.to(emb.dtype)).sum())
-                graphs[index] = True if graphs[index] is not None else None
+                graphs[index] = emb = None
 
 
 def _resolve_pack(pack: bool | str, bare: nn.Module) -> bool:

@@ -9,8 +9,8 @@ computes for every text alone:
   ModernBERT, decoders with causal attention) reads the chunk's layout and attends per text;
 - pooling (mean, CLS, last token) is taken per text of the packed row.
 
-Attention per text: on CUDA with no attention dropout, torch's own flash varlen kernel
-(torch.nn.attention.varlen); otherwise, and on CPU, the packed q/k/v are laid into an
+Attention per text: on CUDA in bf16/fp16 with no attention dropout, torch's own flash varlen
+kernel (torch.nn.attention.varlen); otherwise, and on CPU, the packed q/k/v are laid into an
 (n, longest, ...) grid and scaled_dot_product_attention runs on it with a key-padding mask and the
 model's dropout (the grid costs padding in attention alone, which is small next to the linear
 layers for texts of a few hundred tokens). Every gather and scatter here hits each place once, so
@@ -136,14 +136,33 @@ def pool_packed(hidden: Tensor, layout: PackedLayout, pooling: str) -> Tensor:
 
 
 def _varlen_kernel():
+    """torch's flash varlen attention, called the same way across the torch releases that have it
+    (2.10 took is_causal, later ones window_size; grouped-query attention came with enable_gqa)."""
     try:
+        import inspect
+
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    takes = inspect.signature(varlen_attn).parameters
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, longest: int, scale, causal: bool) -> Tensor:
+        if k.shape[1] != q.shape[1] and "enable_gqa" not in takes:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+        options = {"scale": scale}
+        if "window_size" in takes:
+            options["window_size"] = (-1, 0) if causal else (-1, -1)
+        else:
+            options["is_causal"] = causal
+        if k.shape[1] != q.shape[1]:
+            options["enable_gqa"] = True
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+
+    return attend
 
 
 _VARLEN = _varlen_kernel()
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)  # the flash kernel's; fp32 goes through the grid
 
 
 def packed_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None, dropout=0.0,
@@ -157,10 +176,8 @@ def packed_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
                                                  dropout=dropout, **kwargs)
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, d)
-    if q.is_cuda and dropout == 0.0 and _VARLEN is not None:
-        cu, longest = packed_layout.cu_seq_lens, packed_layout.max_length
-        out = _VARLEN(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0) if causal else (-1, -1),
-                      enable_gqa=k.shape[1] != q.shape[1])
+    if q.is_cuda and dropout == 0.0 and _VARLEN is not None and q.dtype in _FLASH_DTYPES:
+        out = _VARLEN(q, k, v, packed_layout.cu_seq_lens, packed_layout.max_length, scaling, causal)
     else:
         out = _grid_attention(q, k, v, packed_layout, scaling, dropout, causal)
     return out.unsqueeze(0), None

@@ -107,7 +107,16 @@ def _loop(run: Run) -> str:
 
 
 def _train_step(run: Run, batch: dict, step: int):
-    """One optimizer step: (lr used, step output, backend result, whether it was skipped)."""
+    """One optimizer step: (lr used, step output, backend result, whether it was skipped).
+
+    The host waits for the device only where a decision needs a number (GradCache plans its
+    chunks from the collate's host-side lengths, with no sync per chunk):
+    - whether the loss is finite on every rank (_agree_finite: skip the update or not);
+    - whether the clipped gradient norm is finite (the backend's step: apply it or not);
+    - with auto chunk sizes, whether any rank ran out of memory, after pass 1 and before the
+      reducing chunk (autochunk.AdaptiveStep: run the step again or not);
+    - on logged steps only, the figures of the metrics line.
+    """
     state = run.state
     lr = run.backend.lr()
     teacher = batch.get("teacher_scores") if run.loss_fn.distill else None
