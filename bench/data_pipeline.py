@@ -73,12 +73,12 @@ def _memory_and_time() -> dict:
 
 def worker(args) -> None:
     """One rank: everything the trainer does before step 1, then a JSON line of figures."""
-    from trainer import distributed
+    from trainer.core import distributed
 
     env = distributed.init_distributed()
     from trainer.data import Columns, GlobalBatches, StepBatches, TokenSettings, parse_sources, prepare, resolve_num_negatives
     from trainer.data import cache as cache_module
-    from trainer.model import load_tokenizer
+    from trainer.core.model import load_tokenizer
 
     builds = []
     real_build = cache_module.build
@@ -107,7 +107,7 @@ def baseline_worker(args) -> None:
     old = importlib.util.module_from_spec(spec)
     sys.modules["old_data"] = old  # dataclasses look their module up there
     spec.loader.exec_module(old)
-    from trainer.model import load_tokenizer
+    from trainer.core.model import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     pairs = old.load_pairs([args.train], old.Columns())

@@ -39,9 +39,9 @@ def run_variant(args, device: str | None = None) -> dict:
     from transformers import Qwen3Config, Qwen3Model
 
     from trainer.optimizer import trainable_parameters
-    from trainer.gradcache import GradCache
-    from trainer.losses import ContrastiveLoss
-    from trainer.model import Encoder
+    from trainer.core.gradcache import GradCache
+    from trainer.core.losses import ContrastiveLoss
+    from trainer.core.model import Encoder
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)

@@ -35,9 +35,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--shape", default="small", choices=sorted(cached_step.SHAPES))
     args = parser.parse_args()
-    from trainer.gradcache import GradCache
-    from trainer.losses import ContrastiveLoss
-    from trainer.model import Encoder
+    from trainer.core.gradcache import GradCache
+    from trainer.core.losses import ContrastiveLoss
+    from trainer.core.model import Encoder
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else None

@@ -66,9 +66,9 @@ def model_folder(root: Path) -> Path:
 def worker(method: str, folder: Path, docs: int, queries: int, batch_size: int) -> dict:
     import torch.nn.functional as F
 
-    from trainer import distributed
+    from trainer.core import distributed
     from trainer.evaluate import evaluate, ranking_metrics
-    from trainer.model import Encoder, load_tokenizer, resolve_device, text_embedder
+    from trainer.core.model import Encoder, load_tokenizer, resolve_device, text_embedder
 
     distributed.init_distributed()
     device = resolve_device("auto", distributed.read_env().local_rank)

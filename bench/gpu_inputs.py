@@ -25,7 +25,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from trainer.model import resolve_model_path
+    from trainer.core.model import resolve_model_path
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = SentenceTransformer(resolve_model_path(args.model), device="cpu").half()

@@ -41,7 +41,7 @@ def _reset_peak_rss() -> int:
 
 def measure(batch: int, dim: int, negatives: int, preset: str, tile: int, device: str) -> dict:
     sys.path.insert(0, str(REPO))
-    from trainer.losses import ContrastiveLoss
+    from trainer.core.losses import ContrastiveLoss
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, dim, generator=gen).to(device).requires_grad_()

@@ -62,7 +62,7 @@ def real_batches(batch_size: int, steps: int, device: str, train: str | None = N
     `train` (default: the shared Debian file, else the demo's sample), tokenised by `tokenizer`
     (a model name or folder; the MiniLM one by default)."""
     from trainer.data import Columns, GlobalBatches, TokenSettings, collate, parse_sources, prepare
-    from trainer.model import load_tokenizer
+    from trainer.core.model import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer)
     train = train or next(p for p in DEBIAN if p.exists())
@@ -78,7 +78,7 @@ def real_batches(batch_size: int, steps: int, device: str, train: str | None = N
 
 def encoder_tokens(method: str, queries: dict, docs: dict, chunk: int | None, chunk_tokens: int | None = None) -> tuple[int, int]:
     """(real tokens, tokens fed to the encoder's linear layers) for one pass over a step's chunks."""
-    from trainer.chunk_plan import plan_chunks
+    from trainer.core.chunk_plan import plan_chunks
 
     real = int(queries["attention_mask"].sum() + docs["attention_mask"].sum())
     if method.startswith("st"):
@@ -168,11 +168,11 @@ def measure_one(args) -> dict:
 
 
 def model_flops_utilisation(args, backbone, batches, seconds: float, work) -> float | None:
-    """Model FLOPs on the real tokens (trainer/flops.py) per second over the GPU's peak; None on
+    """Model FLOPs on the real tokens (trainer/core/flops.py) per second over the GPU's peak; None on
     a CPU. Passes per token: 3 for the floor and the plain loss (forward, backward), 4 for a
     cached loss that re-embeds (a no-grad forward more), ours as its step counted them."""
-    from trainer.flops import ModelFlops, device_peak_tflops
-    from trainer.gradcache import StepWork
+    from trainer.core.flops import ModelFlops, device_peak_tflops
+    from trainer.core.gradcache import StepWork
 
     peak = device_peak_tflops(torch.device(args.device))
     if peak is None:

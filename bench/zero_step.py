@@ -45,13 +45,13 @@ def worker(args) -> None:
     from omegaconf import OmegaConf
     from transformers import BertConfig, BertModel
 
-    from trainer import distributed
+    from trainer.core import distributed
     from trainer.backends import create_backend
     from trainer.config import Config
     from trainer.deepspeed_config import build_config
-    from trainer.gradcache import GradCache
-    from trainer.losses import ContrastiveLoss
-    from trainer.model import Encoder
+    from trainer.core.gradcache import GradCache
+    from trainer.core.losses import ContrastiveLoss
+    from trainer.core.model import Encoder
 
     env = distributed.init_distributed()
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")

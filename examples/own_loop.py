@@ -10,10 +10,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import BertConfig, BertModel
 
-from trainer import distributed
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
-from trainer.model import Encoder
+from trainer.core import distributed
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
+from trainer.core.model import Encoder
 
 env = distributed.init_distributed()
 torch.manual_seed(0)

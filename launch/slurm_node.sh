@@ -4,7 +4,7 @@
 # job id (every node computes the same one without talking). Hydra overrides are passed on.
 set -euo pipefail
 nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}}
-master=$(python -c "import os; from trainer.distributed import first_host; print(first_host(os.environ['SLURM_JOB_NODELIST']))")
+master=$(python -c "import os; from trainer.core.distributed import first_host; print(first_host(os.environ['SLURM_JOB_NODELIST']))")
 port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 # The stop warning arrives as USR1 at every process of this task (torchrun, its workers, W&B's
 # service). Ignored dispositions survive exec, so torchrun and everything started before the
@@ -13,7 +13,7 @@ port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 trap '' USR1
 # A worker that dies makes torchrun restart the group on every node (MAX_RESTARTS times, default
 # 3), resuming from the last verified checkpoint; a fresh rendezvous store per restart keeps the
-# attempts apart (see trainer/distributed.py, _attempt_store).
+# attempts apart (see trainer/core/distributed.py, _attempt_store).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun \
   --nnodes="${SLURM_NNODES:-1}" --node_rank="${SLURM_NODEID:-0}" --nproc_per_node="$nproc" \

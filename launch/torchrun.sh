@@ -7,6 +7,6 @@
 set -euo pipefail
 nproc=${NPROC_PER_NODE:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 # Every restart gets a fresh rendezvous store, so no attempt reads its predecessor's addresses
-# (see trainer/distributed.py, _attempt_store).
+# (see trainer/core/distributed.py, _attempt_store).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --standalone --nproc_per_node="$nproc" --max-restarts="${MAX_RESTARTS:-3}" -m trainer "$@"

@@ -2,7 +2,7 @@
 
 It follows DESIGN.md's definitions literally, one row and one candidate at a time, with Python
 loops and no tensor tricks, so that it shares no code (and no clever indexing) with
-trainer/losses.py. It works on the whole global batch at once: rows = all N pairs.
+trainer/core/losses.py. It works on the whole global batch at once: rows = all N pairs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Chunk and batch sizes the framework picks (trainer/autochunk.py): the probe, the halving retry,
+"""Chunk and batch sizes the framework picks (trainer/core/autochunk.py): the probe, the halving retry,
 and real out-of-memory errors on a CPU, made by an address-space limit (RLIMIT_AS) in a
 subprocess where a too-large chunk fails to allocate.
 
@@ -21,9 +21,9 @@ import torch
 
 from tests.test_gradcache import batches, grads_of
 from tests.tiny import REPO, WORDS, rounding_atol, run_trainer, run_torchrun, tiny_encoder, write_jsonl, write_tiny_model
-from trainer.autochunk import AdaptiveStep, largest_fitting, parse_size, split_on_oom
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
+from trainer.core.autochunk import AdaptiveStep, largest_fitting, parse_size, split_on_oom
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
 
 LIMITED_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1",
                "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from tests.tiny import REPO
 from trainer import config
 from trainer.data import parse_sources
-from trainer.model import resolve_model_path
+from trainer.core.model import resolve_model_path
 
 
 def compose_config(*overrides: str):

@@ -15,7 +15,7 @@ from trainer.data import (
     Columns, DataError, GlobalBatches, TokenSettings, collate, parse_sources, prepare, resolve_num_negatives, text_hash,
 )
 from trainer.data import cache as cache_module
-from trainer.model import load_tokenizer
+from trainer.core.model import load_tokenizer
 
 SETTINGS = TokenSettings(query_max_length=8, doc_max_length=12)
 

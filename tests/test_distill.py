@@ -1,4 +1,4 @@
-"""Distillation (trainer/distill.py, ContrastiveLoss(distill=...)): against sentence-transformers'
+"""Distillation (trainer/core/distill.py, ContrastiveLoss(distill=...)): against sentence-transformers'
 DistillKLDivLoss and MarginMSELoss on the same embeddings and scores, against a float64 brute
 force, through GradCache, and in the trainer (2 ranks, ZeRO-2, resume)."""
 
@@ -13,8 +13,8 @@ import torch
 from tests.reference import reference_loss
 from tests.test_gradcache import BATCH, CHUNK, NEGATIVES, assert_same_grads, batches, grads_of, in_chunks
 from tests.tiny import rounding_atol, run_trainer, synthetic_pairs, tiny_encoder, write_jsonl, write_tiny_model
-from trainer.gradcache import GradCache
-from trainer.losses import PRESETS, ContrastiveLoss
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import PRESETS, ContrastiveLoss
 
 B, N, D = 6, 3, 16  # rows, hard negatives, embedding size
 

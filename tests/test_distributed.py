@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.tiny import run_torchrun
-from trainer.distributed import first_host, read_env
+from trainer.core.distributed import first_host, read_env
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_a_shared_torchrun_store_is_scoped_to_the_restart_attempt():
 
     import torch.distributed as dist
 
-    from trainer.distributed import DistEnv, _attempt_store
+    from trainer.core.distributed import DistEnv, _attempt_store
 
     timeout = datetime.timedelta(seconds=10)
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)

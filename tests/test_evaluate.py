@@ -103,7 +103,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
 
     from tests.tiny import REPO, write_tiny_model
     from trainer.evaluate import evaluate
-    from trainer.model import Encoder, load_tokenizer, text_embedder
+    from trainer.core.model import Encoder, load_tokenizer, text_embedder
 
     model = write_tiny_model(tmp_path / "model")
     data_dir = write_beir(tmp_path / "dev", synthetic_pairs(60, seed=3))

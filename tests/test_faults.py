@@ -266,7 +266,7 @@ def test_a_model_with_its_own_code_loads_only_when_trusted(assets, tmp_path):
     assert "model.trust_remote_code=true" in proc.stderr
     assert not marker.exists()
 
-    from trainer.model import Encoder
+    from trainer.core.model import Encoder
 
     encoder = Encoder.from_pretrained(str(model), trust_remote_code=True)
     assert type(encoder.backbone).__name__ == "CustomModel" and marker.exists()

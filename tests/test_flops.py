@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from tests.tiny import token_batch, tiny_encoder
-from trainer.flops import ModelFlops, device_peak_tflops
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
+from trainer.core.flops import ModelFlops, device_peak_tflops
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
 
 
 def test_model_flops_count_non_embedding_weights_and_attention_per_real_token():
@@ -32,6 +32,6 @@ def test_model_flops_count_non_embedding_weights_and_attention_per_real_token():
 def test_the_peak_comes_from_the_override_else_the_table_else_none():
     assert device_peak_tflops(torch.device("cpu")) is None
     assert device_peak_tflops(torch.device("cpu"), override=123.0) == 123.0
-    from trainer.flops import PEAK_TFLOPS
+    from trainer.core.flops import PEAK_TFLOPS
 
     assert PEAK_TFLOPS["H200"] == PEAK_TFLOPS["H100"] == 989.0  # dense bf16, the data sheets' figure

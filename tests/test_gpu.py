@@ -17,8 +17,8 @@ import torch
 from tests.test_gradcache import BATCH, CHUNK, NEGATIVES, batches, grads_of, in_chunks
 from tests.test_mine import assets, compose_mine, mine_args, read_jsonl  # noqa: F401 (assets: the mining fixture)
 from tests.tiny import run_trainer, synthetic_pairs, tiny_encoder, write_beir, write_jsonl, write_tiny_model
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
 from trainer.mine import mine
 
 pytestmark = [
@@ -93,7 +93,7 @@ def test_dropout_replay_with_cuda_generators():
 
 def test_batches_arrive_in_pinned_memory(tmp_path):
     from trainer.data import Columns, GlobalBatches, StepBatches, TokenSettings, parse_sources, prepare
-    from trainer.model import load_tokenizer
+    from trainer.core.model import load_tokenizer
 
     tokenizer = load_tokenizer(str(write_tiny_model(tmp_path / "model")))
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32))
@@ -156,11 +156,11 @@ def test_packed_embeddings_equal_the_padded_model_on_cuda(dtype, kernel, monkeyp
     text attending outside itself gives cosines far below: 0.9 or less in the CPU tests' model)."""
     from tests.test_packing import packed_embeddings
 
-    import trainer.packing
+    import trainer.core.packing
 
     if kernel == "grid":
         monkeypatch.setattr(trainer.packing, "_VARLEN", None)
-    elif trainer.packing._VARLEN is None:
+    elif trainer.core.packing._VARLEN is None:
         pytest.fail("torch.nn.attention.varlen is missing: this torch cannot run packed attention's CUDA kernel")
     encoder = tiny_encoder().cuda().eval()
     batch = _to_cuda(batches()[1])

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.tiny import token_batch, tiny_encoder
-from trainer.chunk_plan import plan_chunks
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
+from trainer.core.chunk_plan import plan_chunks
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
 
 BATCH, NEGATIVES, CHUNK = 8, 1, 3
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.test_train import assets, common, losses  # noqa: F401 (assets is a fixture)
 from tests.tiny import assert_sentence_transformers_matches_encoder, rounding_atol, run_trainer, tiny_encoder
-from trainer.lora import merged_state_dict
+from trainer.core.lora import merged_state_dict
 
 LORA = ("model.lora.r=4", "model.lora.alpha=8", "trainer.lr=1e-2")
 

@@ -9,7 +9,7 @@ import torch
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from tests.reference import reference_loss
-from trainer.losses import DIRECTIONS, PRESETS, ContrastiveLoss
+from trainer.core.losses import DIRECTIONS, PRESETS, ContrastiveLoss
 
 
 def allowed_combinations():

@@ -24,7 +24,7 @@ from tests.tiny import (
 )
 from trainer import config
 from trainer.mine import mine
-from trainer.model import Encoder, load_tokenizer, text_embedder
+from trainer.core.model import Encoder, load_tokenizer, text_embedder
 from trainer.negatives import choose, draw_keys, drop_excluded, fuse
 
 

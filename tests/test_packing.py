@@ -1,5 +1,5 @@
-"""Packed chunks (trainer/packing.py) compute what padded chunks compute, and kept graphs
-(trainer/kept_graphs.py) what re-embedded chunks compute: embeddings, losses, gradients."""
+"""Packed chunks (trainer/core/packing.py) compute what padded chunks compute, and kept graphs
+(trainer/core/kept_graphs.py) what re-embedded chunks compute: embeddings, losses, gradients."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from transformers import BertConfig, BertModel, Qwen3Config, Qwen3Model
 
 from tests.tiny import VOCAB_SIZE, token_batch, tiny_encoder
-from trainer.chunk_plan import LENGTHS, HostLengths, plan_chunks
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
-from trainer.model import Encoder
+from trainer.core.chunk_plan import LENGTHS, HostLengths, plan_chunks
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
+from trainer.core.model import Encoder
 
 BATCH = 8
 

@@ -74,7 +74,7 @@ def test_scores_are_the_cross_encoders_logits_of_each_pair(scoring, tmp_path):
 
 def test_a_bi_encoder_teacher_scores_cosines(scoring, tmp_path):
     from tests.tiny import write_tiny_model
-    from trainer.model import Encoder, load_tokenizer, text_embedder
+    from trainer.core.model import Encoder, load_tokenizer, text_embedder
 
     embedder = write_tiny_model(tmp_path / "embedder")
     output = tmp_path / "scored.jsonl"

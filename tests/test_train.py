@@ -206,7 +206,7 @@ def test_export_keeps_every_weight_and_has_a_card_that_states_the_runs_figures(f
 def test_export_length_is_the_longer_of_the_base_models_and_trainings(tmp_path):
     from omegaconf import OmegaConf
 
-    from trainer.model import load_tokenizer
+    from trainer.core.model import load_tokenizer
     from trainer.run import export_length
 
     base = write_tiny_model(tmp_path / "base")

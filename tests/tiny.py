@@ -13,7 +13,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from tests.warm_python import WarmPython
-from trainer.model import Encoder
+from trainer.core.model import Encoder
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 97
@@ -251,7 +251,7 @@ def assert_sentence_transformers_matches_encoder(folder: Path) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from trainer.model import load_tokenizer
+    from trainer.core.model import load_tokenizer
 
     texts = ["w1 w2 w3", "w7 w8 w9 w10 w11 w12"]
     st_vectors = torch.tensor(SentenceTransformer(str(folder), device="cpu").encode(texts))

@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer import config, distributed
+from trainer import config
+from trainer.core import distributed
 from trainer.apps import CONF_DIR
 
 

@@ -15,7 +15,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 def fail(message: str) -> None:
     """One clear line on rank 0, exit status 2 on every rank."""
-    from trainer import distributed
+    from trainer.core import distributed
 
     if distributed.is_main():
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -27,7 +27,8 @@ def run_tool(config_name: str, body: Callable) -> None:
     command line, run body(cfg); bad data or settings end in one line and exit status 2."""
     import hydra
 
-    from trainer import config, distributed
+    from trainer import config
+    from trainer.core import distributed
     from trainer.data import DataError
 
     distributed.init_distributed()

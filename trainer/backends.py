@@ -14,8 +14,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedTokenizerBase
 
-from trainer import distributed, safe_load
-from trainer.model import Encoder, save_sentence_transformer
+from trainer import safe_load
+from trainer.core import distributed
+from trainer.core.model import Encoder, save_sentence_transformer
 from trainer.optimizer import StepResult, make_scheduler, trainable_parameters
 
 __all__ = ["DDPBackend", "StepResult", "TrainingBackend", "create_backend"]

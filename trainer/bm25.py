@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from trainer import distributed
+from trainer.core import distributed
 from trainer.bm25_matrix import score_matrix
-from trainer.memory import release_freed_memory
+from trainer.core.memory import release_freed_memory
 from trainer.search import merge_ranks
 
 SLACK = 16  # extra candidates fetched per shard, so that ties at the cut rarely need a second look

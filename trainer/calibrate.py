@@ -61,7 +61,7 @@ def _figures(before, after, labels, bins: int) -> dict[str, float]:
 
 
 def _run(cfg) -> None:
-    from trainer import distributed
+    from trainer.core import distributed
     from trainer.model_card import replace_calibration_section
     from trainer.plot import draw_calibration
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import distributed, manifest, safe_load
+from trainer import manifest, safe_load
+from trainer.core import distributed
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -295,7 +295,7 @@ class TrainerConfig:
     running the same command again resumes."""
     peak_tflops: Optional[float] = None
     """The device's dense peak (TFLOP/s) that `mfu` in the metrics divides by; None = the known
-    GPUs' table (trainer/flops.py); on a CPU, or a GPU the table lacks, no mfu is logged."""
+    GPUs' table (trainer/core/flops.py); on a CPU, or a GPU the table lacks, no mfu is logged."""
     compile: bool = False
     """torch.compile the encoder's transformer (dynamic shapes; compiled in place, so
     checkpoints and the exported model are unchanged). The first steps pay for compiling, and

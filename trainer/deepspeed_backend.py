@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from trainer import distributed, safe_load
+from trainer import safe_load
+from trainer.core import distributed
 from trainer.optimizer import StepResult, make_scheduler, trainable_parameters
 from trainer.deepspeed_config import offloads_optimizer
-from trainer.model import Encoder, save_sentence_transformer
+from trainer.core.model import Encoder, save_sentence_transformer
 
 CHECKPOINT_TAG = "deepspeed"
 """The folder inside checkpoints/step-N that holds DeepSpeed's files."""

@@ -108,7 +108,7 @@ class EmbeddedSet:
 def embed_eval_set(embed_queries, embed_docs, data: BeirSet, batch_size: int, lockstep: bool = False,
                    progress: bool = False) -> EmbeddedSet:
     """A collective: every rank embeds its share of the queries (then gathered) and of the corpus."""
-    from trainer import distributed
+    from trainer.core import distributed
 
     if not data.query_ids or not data.corpus_ids:
         raise DataError("the evaluation set has no judged queries or no documents")
@@ -191,7 +191,7 @@ def evaluate(
 
 
 def say_main(text: str) -> None:
-    from trainer import distributed
+    from trainer.core import distributed
 
     if distributed.is_main():
         print(text, flush=True)
@@ -200,9 +200,9 @@ def say_main(text: str) -> None:
 def tool_embedders(cfg) -> tuple[Callable, Callable, int]:
     """(query embedder, document embedder, batch size) of a tool's model settings (EvaluateConfig's
     keys): the model on this rank's device, a batch that runs out of memory split in two."""
-    from trainer import distributed
-    from trainer.autochunk import embedding_batch_size, split_on_oom
-    from trainer.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, text_embedder
+    from trainer.core import distributed
+    from trainer.core.autochunk import embedding_batch_size, split_on_oom
+    from trainer.core.model import AUTOCAST_DTYPES, Encoder, load_tokenizer, resolve_device, text_embedder
 
     device = resolve_device(cfg.device, distributed.read_env().local_rank)
     encoder = Encoder.from_pretrained(
@@ -220,14 +220,14 @@ def tool_embedders(cfg) -> tuple[Callable, Callable, int]:
 
 
 def describe_set(cfg, data: BeirSet, split: str) -> str:
-    from trainer import distributed
+    from trainer.core import distributed
 
     return (f"{cfg.model} on {cfg.data} ({split}): {len(data.query_ids)} queries, {len(data.corpus_ids)} documents, "
             f"{distributed.world_size()} rank(s)")
 
 
 def _run(cfg) -> None:
-    from trainer import distributed
+    from trainer.core import distributed
     from trainer.calibration import CALIBRATION_FILE, load_calibration
 
     data = load_beir(cfg.data, cfg.split)

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from trainer import distributed
+from trainer.core import distributed
 
 MANIFEST = "manifest.json"
 _FORMAT = 1

@@ -1,5 +1,5 @@
-"""What a run reports: training-health figures, and one logger that writes them to
-metrics.jsonl / eval.jsonl in the run dir and to Weights & Biases (rank 0 only)."""
+"""What a run reports: one logger that writes its figures to metrics.jsonl / eval.jsonl in the run
+dir and to Weights & Biases (rank 0 only). The health figures are trainer/core/health.py."""
 
 from __future__ import annotations
 
@@ -12,24 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-def embedding_std(embeddings: torch.Tensor) -> float:
-    """Mean over dimensions of the std across rows of the normalised embeddings. It falls toward 0
-    when the encoder collapses (every text mapped to nearly the same point)."""
-    return F.normalize(embeddings.float(), dim=-1).std(dim=0).mean().item()
-
-
-def alignment(queries: torch.Tensor, positives: torch.Tensor) -> float:
-    """Wang & Isola's alignment: mean squared distance of positive pairs (lower is better)."""
-    return (F.normalize(queries.float(), dim=-1) - F.normalize(positives.float(), dim=-1)).pow(2).sum(-1).mean().item()
-
-
-def uniformity(embeddings: torch.Tensor, t: float = 2.0) -> float:
-    """Wang & Isola's uniformity: log mean exp(-t * squared distance) over distinct pairs
-    (lower = spread more evenly over the sphere)."""
-    x = F.normalize(embeddings.float(), dim=-1)
-    return torch.pdist(x).pow(2).mul(-t).exp().mean().log().item()
 
 
 @contextlib.contextmanager

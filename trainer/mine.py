@@ -40,14 +40,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import distributed
+from trainer.core import distributed
 from trainer.ann import ShardANN, recall
 from trainer.bm25 import ranked_lists, shard_index
 from trainer.data import Columns
 from trainer.data.output import check_output
 from trainer.data.records import FLAG_SCORES
 from trainer.data.sources import file_kind, raw_rows
-from trainer.memory import release_freed_memory
+from trainer.core.memory import release_freed_memory
 from trainer.mine_parts import Parts, file_fingerprint, parts_folder
 from trainer.mine_pool import MiningInput, build
 from trainer.negatives import choose, draw_keys, drop_excluded, fuse
@@ -155,8 +155,8 @@ class Embedders:
 
 
 def load_embedders(cfg, say) -> Embedders:
-    from trainer.autochunk import embedding_batch_size, split_on_oom
-    from trainer.model import (
+    from trainer.core.autochunk import embedding_batch_size, split_on_oom
+    from trainer.core.model import (
         AUTOCAST_DTYPES,
         Encoder,
         ends_with_eos,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import signal
 
-from trainer import distributed
+from trainer.core import distributed
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 

@@ -19,7 +19,8 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from trainer import autochunk, checkpoint, distributed
+from trainer import checkpoint
+from trainer.core import autochunk, distributed
 from trainer.backends import TrainingBackend, create_backend
 from trainer.data import (
     Columns, DataError, GlobalBatches, TokenSettings, TrainingData, parse_sources, prepare, require_scores,
@@ -29,11 +30,11 @@ from trainer.config import resolve_eval_data
 from trainer.deepspeed_config import build_config, resolve_backend
 from trainer.early_stopping import EarlyStopping
 from trainer.evaluate import BeirSet, evaluate, load_beir
-from trainer.flops import ModelFlops, device_peak_tflops
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
+from trainer.core.flops import ModelFlops, device_peak_tflops
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
 from trainer.metrics import RunLogger
-from trainer.model import (
+from trainer.core.model import (
     AUTOCAST_DTYPES, Encoder, base_max_length, load_tokenizer, prompt_prefixes, resolve_device, text_embedder,
 )
 from trainer.model_card import write_model_card

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from trainer import distributed
+from trainer.core import distributed
 from trainer.data import Columns, DataError
 from trainer.data.output import check_output, write_rows
 from trainer.data.records import FLAG_SCORES
@@ -38,7 +38,7 @@ def read_groups(path: str, columns: Columns) -> tuple[list[str], list[str], np.n
 
 
 def load_teacher(cfg, device=None):
-    from trainer.model import resolve_device
+    from trainer.core.model import resolve_device
     from trainer.teacher import Teacher
 
     if not cfg.teacher:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer import distributed
+from trainer.core import distributed
 
 CHUNK_ELEMENTS = 1 << 24  # scores per block: 64 MB of fp32
 DOC_CHUNK = 16384

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer import distributed
-from trainer.model import AUTOCAST_DTYPES, Encoder, check_remote_code, load_tokenizer, resolve_model_path, text_embedder
+from trainer.core import distributed
+from trainer.core.model import AUTOCAST_DTYPES, Encoder, check_remote_code, load_tokenizer, resolve_model_path, text_embedder
 from trainer.search import gather_rows, plan_by_length
 
 KINDS = ("auto", "cross_encoder", "bi_encoder")

@@ -14,13 +14,14 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from trainer import checkpoint, distributed
-from trainer.autochunk import AdaptiveStep
+from trainer import checkpoint
+from trainer.core import distributed
+from trainer.core.autochunk import AdaptiveStep
 from trainer.data import GlobalBatches, StepBatches
 from trainer.data.loader import Prefetcher
-from trainer.gradcache import StepOutput
-from trainer.losses import PRESETS, ContrastiveLoss
-from trainer.metrics import alignment, embedding_std, uniformity
+from trainer.core.gradcache import StepOutput
+from trainer.core.losses import PRESETS, ContrastiveLoss
+from trainer.core.health import alignment, embedding_std, uniformity
 from trainer.preemption import StopRequest
 from trainer.run import BEST_MODEL, Run, build_run, say
 from trainer.run_files import EVAL_FILE, read_records

@@ -4,10 +4,10 @@ maps it; a bad file's error reaches both ranks. Rank 0 prints the gathered figur
 import json
 import sys
 
-from trainer import distributed
+from trainer.core import distributed
 from trainer.data import Columns, DataError, TokenSettings, parse_sources, prepare
 from trainer.data import cache as cache_module
-from trainer.model import load_tokenizer
+from trainer.core.model import load_tokenizer
 
 model, good, bad, cache_dir = sys.argv[1:5]
 distributed.init_distributed()

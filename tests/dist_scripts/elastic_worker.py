@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from trainer import distributed
+from trainer.core import distributed
 
 attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
 late = int(os.environ.get("LATE_RANK", "1"))

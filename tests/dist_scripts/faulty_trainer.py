@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from trainer import distributed, gradcache
+from trainer.core import distributed, gradcache
 
 
 class _InfiniteGradient(torch.autograd.Function):

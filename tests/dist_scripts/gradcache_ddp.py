@@ -10,10 +10,10 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tests.tiny import token_batch, tiny_encoder
-from trainer import distributed
-from trainer.chunk_plan import plan_chunks
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
+from trainer.core import distributed
+from trainer.core.chunk_plan import plan_chunks
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
 
 env = distributed.init_distributed()
 W, r = env.world_size, env.rank

@@ -7,8 +7,8 @@ import itertools
 import torch
 
 from tests.test_losses import embeddings
-from trainer import distributed
-from trainer.losses import PRESETS, ContrastiveLoss
+from trainer.core import distributed
+from trainer.core.losses import PRESETS, ContrastiveLoss
 
 env = distributed.init_distributed()
 W, r = env.world_size, env.rank

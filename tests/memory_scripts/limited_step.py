@@ -17,11 +17,11 @@ import torch
 from transformers import BertConfig, BertModel
 
 from tests.tiny import token_batch
-from trainer.autochunk import AdaptiveStep
-from trainer.gradcache import GradCache
-from trainer.losses import ContrastiveLoss
-from trainer.memory import _proc_status
-from trainer.model import Encoder
+from trainer.core.autochunk import AdaptiveStep
+from trainer.core.gradcache import GradCache
+from trainer.core.losses import ContrastiveLoss
+from trainer.core.memory import _proc_status
+from trainer.core.model import Encoder
 
 ROWS, LENGTH = 256, 64
 

@@ -13,7 +13,7 @@ import torch  # noqa: F401
 import transformers  # noqa: F401
 
 from trainer import __main__ as app
-from trainer.memory import _proc_status
+from trainer.core.memory import _proc_status
 
 margin = int(sys.argv.pop(1)) << 20
 _, hard = resource.getrlimit(resource.RLIMIT_AS)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from trainer.chunk_plan import LENGTHS, HostLengths
+from trainer.core.chunk_plan import LENGTHS, HostLengths
 from trainer.data.cache import CachedRows
 from trainer.data.mapped import PaddedTokens
 from trainer.data.sampling import BatchRows, GlobalBatches, _mix, hash_key

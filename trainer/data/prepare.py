@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from trainer import distributed
+from trainer.core import distributed
 from trainer.data.batches import TrainingData
 from trainer.data.cache import CachedRows, TokenSettings, default_cache_dir, ensure_cached
 from trainer.data.records import Columns, DataError

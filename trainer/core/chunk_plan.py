@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.packing import pack_chunks
+from trainer.core.packing import pack_chunks
 
 Batch = Mapping[str, Tensor]
 LENGTHS = "lengths"

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer import distributed
-from trainer.distill import METHODS as DISTILL_METHODS
-from trainer.distill import group_cosines, kl_term, margin_mse_term, rank_agreement
+from trainer.core import distributed
+from trainer.core.distill import METHODS as DISTILL_METHODS
+from trainer.core.distill import group_cosines, kl_term, margin_mse_term, rank_agreement
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITIONS = ("joint", "per_direction")

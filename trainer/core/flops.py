@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.gradcache import StepWork
+from trainer.core.gradcache import StepWork
 
 PEAK_TFLOPS = {
     # Dense bf16/fp16 tensor-core peaks from the vendors' data sheets (SXM parts where a PCIe one

@@ -8,8 +8,8 @@ import contextlib
 import torch
 from torch import nn
 
-from trainer import distributed
-from trainer.memory import is_out_of_memory
+from trainer.core import distributed
+from trainer.core.memory import is_out_of_memory
 
 
 class StepOutOfMemory(RuntimeError):

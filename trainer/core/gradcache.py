@@ -40,12 +40,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import distributed
-from trainer.chunk_plan import LENGTHS, Plan, in_batch_order, plan_chunks
-from trainer.kept_graphs import AUTO, GraphKeeper
-from trainer.losses import ContrastiveLoss, LossStats
-from trainer.memory import is_out_of_memory, release
-from trainer.step_guard import OomGuard, RngState, StepOutOfMemory, guarded
+from trainer.core import distributed
+from trainer.core.chunk_plan import LENGTHS, Plan, in_batch_order, plan_chunks
+from trainer.core.kept_graphs import AUTO, GraphKeeper
+from trainer.core.losses import ContrastiveLoss, LossStats
+from trainer.core.memory import is_out_of_memory, release
+from trainer.core.step_guard import OomGuard, RngState, StepOutOfMemory, guarded
 
 Batch = Mapping[str, Tensor]
 __all__ = ["GradCache", "StepOutOfMemory", "StepOutput", "StepWork", "RngState", "plan_chunks"]

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.lora import mergeable_layers, merged_state_dict
-from trainer.packing import PackedLayout, enable_packed_attention, pool_packed, supports_packing
+from trainer.core.lora import mergeable_layers, merged_state_dict
+from trainer.core.packing import PackedLayout, enable_packed_attention, pool_packed, supports_packing
 
 POOLINGS = ("mean", "cls", "last_token")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

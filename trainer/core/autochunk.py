@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer import distributed
-from trainer.gradcache import GradCache, StepOutOfMemory, RngState
-from trainer.memory import PeakMemory, available_bytes, is_out_of_memory, release
+from trainer.core import distributed
+from trainer.core.gradcache import GradCache, StepOutOfMemory, RngState
+from trainer.core.memory import PeakMemory, available_bytes, is_out_of_memory, release
 
 AUTO = "auto"
 HEADROOM = 0.85

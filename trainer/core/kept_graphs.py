@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from trainer.memory import available_bytes
+from trainer.core.memory import available_bytes
 
 AUTO = "auto"
 HEADROOM = 0.85

@@ -1,0 +1,38 @@
+"""The package's layers, as pyproject.toml's import-linter contracts state them: a wrong-way import
+fails here, before review."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.tiny import REPO
+
+LINT = str(Path(sys.executable).with_name("lint-imports"))
+
+
+def lint(root: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run([LINT, "--config", str(REPO / "pyproject.toml")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_layers_contracts_hold():
+    proc = lint(REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "0 broken" in proc.stdout
+
+
+def test_a_wrong_way_import_breaks_the_contract(tmp_path):
+    """The same check on a copy of the package whose library imports the run's config: it must fail,
+    naming the import (so the test above can fail too)."""
+    shutil.copytree(REPO / "trainer", tmp_path / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    losses = tmp_path / "trainer" / "core" / "losses.py"
+    losses.write_text(losses.read_text().replace("from __future__ import annotations\n",
+                                                 "from __future__ import annotations\n\nfrom trainer import config  # noqa\n", 1))
+    proc = lint(tmp_path)
+    assert proc.returncode != 0 and "BROKEN" in proc.stdout, proc.stdout[-3000:]
+    assert "trainer.core.losses -> trainer.config" in proc.stdout
