@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.tiny import REPO
 
 LINT = str(Path(sys.executable).with_name("lint-imports"))
@@ -26,13 +28,15 @@ def test_the_layers_contracts_hold():
     assert "0 broken" in proc.stdout
 
 
-def test_a_wrong_way_import_breaks_the_contract(tmp_path):
-    """The same check on a copy of the package whose library imports the run's config: it must fail,
-    naming the import (so the test above can fail too)."""
+@pytest.mark.parametrize("module", ["core/losses.py", "data/batches.py"])
+def test_a_wrong_way_import_breaks_the_contract(tmp_path, module):
+    """The same check on a copy of the package in which the library, or data, imports the run's
+    config: it must fail, naming the import (so the test above can fail too)."""
     shutil.copytree(REPO / "trainer", tmp_path / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
-    losses = tmp_path / "trainer" / "core" / "losses.py"
-    losses.write_text(losses.read_text().replace("from __future__ import annotations\n",
-                                                 "from __future__ import annotations\n\nfrom trainer import config  # noqa\n", 1))
+    path = tmp_path / "trainer" / module
+    path.write_text(path.read_text().replace("from __future__ import annotations\n",
+                                             "from __future__ import annotations\n\nfrom trainer import config  # noqa\n", 1))
     proc = lint(tmp_path)
     assert proc.returncode != 0 and "BROKEN" in proc.stdout, proc.stdout[-3000:]
-    assert "trainer.core.losses -> trainer.config" in proc.stdout
+    importer = "trainer." + module.removesuffix(".py").replace("/", ".")
+    assert f"{importer} -> trainer.config" in proc.stdout

@@ -16,5 +16,5 @@
   health.py       embedding-health figures (spread, alignment, uniformity)
 
 It imports torch, transformers (and peft for LoRA) and nothing else of `trainer`: no Hydra, no
-OmegaConf (pyproject's import-linter contracts, checked by tests/test_layers.py).
+OmegaConf (pyproject.toml's import-linter contracts, checked by tests/test_layers.py).
 """
