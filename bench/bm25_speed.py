@@ -1,6 +1,6 @@
 """BM25 retrieval for mining, side by side on the same pool and queries: what `python -m
 trainer.mine` did before (one bm25s index over the whole pool, numpy backend, one thread) against
-trainer.bm25.ShardIndex (the pool's statistics, numba backend with threads, lists ranked by
+trainer.retrieval.bm25.ShardIndex (the pool's statistics, numba backend with threads, lists ranked by
 score then id), with the lists compared rank by rank.
 
     python bench/bm25_speed.py [--pool 50000] [--queries 3000] [--k 100] [--threads 2]
@@ -52,7 +52,7 @@ def before(pool: list[str], queries: list[str], k: int) -> tuple[np.ndarray, np.
 
 
 def after(pool: list[str], queries: list[str], k: int, backend: str, threads: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-    from trainer.bm25 import ShardIndex, tokenize
+    from trainer.retrieval.bm25 import ShardIndex, tokenize
 
     t0 = time.perf_counter()
     index = ShardIndex(pool, backend=backend, threads=threads)
@@ -65,7 +65,7 @@ def after(pool: list[str], queries: list[str], k: int, backend: str, threads: in
 
 
 def main() -> None:
-    from trainer.bm25 import _canonical
+    from trainer.retrieval.bm25 import _canonical
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", type=int, default=50000)

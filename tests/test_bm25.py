@@ -1,4 +1,4 @@
-"""BM25 over a sharded pool (trainer/bm25.py) against one bm25s index over the whole pool, brute
+"""BM25 over a sharded pool (trainer/retrieval/bm25.py) against one bm25s index over the whole pool, brute
 force: the same scores bit for bit, and lists ranked by (score, lower id) whatever the shards,
 the backend or the ties at the cut."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.bm25 import ShardIndex, _canonical, bm25_lists, pool_stats, shard_tokens, tokenize
-from trainer.search import merge_ranks
+from trainer.retrieval.bm25 import ShardIndex, _canonical, bm25_lists, pool_stats, shard_tokens, tokenize
+from trainer.retrieval.search import merge_ranks
 
 WORDS = [f"term{i}" for i in range(40)]
 
@@ -44,7 +44,7 @@ def test_shards_with_the_pools_statistics_score_as_one_index_and_merge_exactly()
     # What merge_ranks does over ranks: every shard's list side by side, the best 20 by (score, id).
     scores = torch.from_numpy(np.concatenate([r[0] for r in results], axis=1))
     ids = torch.from_numpy(np.concatenate([r[1] for r in results], axis=1))
-    from trainer.search import _best
+    from trainer.retrieval.search import _best
 
     merged_scores, merged_ids = _best(scores, ids, 20)
     np.testing.assert_array_equal(merged_ids.numpy(), expected_ids)
@@ -81,13 +81,13 @@ def test_bm25_lists_of_one_process_equal_brute_force_in_blocks():
 
 @pytest.mark.parametrize("method", ["lucene", "robertson", "atire"])
 def test_chunked_score_matrix_equals_bm25s_own_index_bit_for_bit(method, monkeypatch):
-    """The score matrix built a chunk of texts at a time (trainer/bm25_matrix.py; chunks of 7 texts,
+    """The score matrix built a chunk of texts at a time (trainer/retrieval/bm25_matrix.py; chunks of 7 texts,
     so a chunk ends mid-column) against plain bm25s indexing the whole pool itself: every term's
     column holds the same texts in the same order with the same float32 scores."""
     import bm25s
 
-    from trainer import bm25_matrix
-    from trainer.bm25 import _shard_bm25_class
+    from trainer.retrieval import bm25_matrix
+    from trainer.retrieval.bm25 import _shard_bm25_class
 
     monkeypatch.setattr(bm25_matrix, "CHUNK_TEXTS", 7)
     pool = texts(120, seed=7) + ["", "the a"]  # texts without a term (empty, all stop words) too

@@ -43,7 +43,7 @@ def test_missing_beir_file_is_a_clear_error(tmp_path):
 
 
 def test_chunked_topk_equals_the_full_matrix():
-    from trainer.search import topk_search
+    from trainer.retrieval.search import topk_search
 
     gen = torch.Generator().manual_seed(0)
     queries = torch.nn.functional.normalize(torch.randn(37, 8, generator=gen, dtype=torch.float64), dim=-1)
@@ -60,7 +60,7 @@ def test_chunked_topk_equals_the_full_matrix():
 
 
 def test_candidate_scores_equal_brute_force():
-    from trainer.search import score_candidates, shard_positions
+    from trainer.retrieval.search import score_candidates, shard_positions
 
     gen = torch.Generator().manual_seed(1)
     queries, docs = torch.randn(9, 4, generator=gen), torch.randn(30, 4, generator=gen)
@@ -83,7 +83,7 @@ def test_candidate_scores_equal_brute_force():
 
 
 def test_batches_are_the_same_whatever_the_number_of_ranks():
-    from trainer.search import plan_batches
+    from trainer.retrieval.search import plan_batches
 
     texts = [f"{'x' * (i % 17)}" for i in range(100)]
     one, three = plan_batches(texts, 8, 1), plan_batches(texts, 8, 3)

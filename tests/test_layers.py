@@ -28,9 +28,9 @@ def test_the_layers_contracts_hold():
     assert "0 broken" in proc.stdout
 
 
-@pytest.mark.parametrize("module", ["core/losses.py", "data/batches.py"])
+@pytest.mark.parametrize("module", ["core/losses.py", "data/batches.py", "retrieval/search.py"])
 def test_a_wrong_way_import_breaks_the_contract(tmp_path, module):
-    """The same check on a copy of the package in which the library, or data, imports the run's
+    """The same check on a copy of the package in which the library, data or retrieval imports the run's
     config: it must fail, naming the import (so the test above can fail too)."""
     shutil.copytree(REPO / "trainer", tmp_path / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
     path = tmp_path / "trainer" / module

@@ -308,8 +308,8 @@ def test_pool_files_equal_the_in_memory_pool(assets, tmp_path):
 
 @pytest.mark.parametrize("reads_per_map", [2048, 2])  # one map per read; the file mapped anew after 2 texts
 def test_text_store_reads_any_ids_across_batches(tmp_path, monkeypatch, reads_per_map):
-    from trainer import text_store
-    from trainer.text_store import TextStore, write_texts
+    from trainer.retrieval import text_store
+    from trainer.retrieval.text_store import TextStore, write_texts
 
     monkeypatch.setattr(text_store, "READS_PER_MAP", reads_per_map)
     texts = [f"t{i} " + "é" * (i % 5) for i in range(25)]
@@ -331,7 +331,7 @@ def test_faiss_shard_search_and_its_recall_against_brute_force():
     plain set comparison with brute-force top-k does; probing all 8 clusters is exhaustive
     (recall exactly 1); ids are the shard's pool ids."""
     pytest.importorskip("faiss")  # an optional extra; the test extra installs it, so CI runs this
-    from trainer.ann import ShardANN, recall
+    from trainer.retrieval.ann import ShardANN, recall
 
     rng = np.random.default_rng(0)
     docs = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(2000, 16)).astype(np.float32)), dim=-1)

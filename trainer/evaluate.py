@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from trainer.calibration import Calibration, brier_score, expected_calibration_error
 from trainer.data import DataError, jsonl_records
-from trainer.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, score_candidates, topk_search
+from trainer.retrieval.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, score_candidates, topk_search
 
 
 @dataclass

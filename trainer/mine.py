@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from trainer.core import distributed
-from trainer.ann import ShardANN, recall
-from trainer.bm25 import ranked_lists, shard_index
+from trainer.retrieval.ann import ShardANN, recall
+from trainer.retrieval.bm25 import ranked_lists, shard_index
 from trainer.data import Columns
 from trainer.data.output import check_output
 from trainer.data.records import FLAG_SCORES
@@ -51,7 +51,7 @@ from trainer.core.memory import release_freed_memory
 from trainer.mine_parts import Parts, file_fingerprint, parts_folder
 from trainer.mine_pool import MiningInput, build
 from trainer.negatives import choose, draw_keys, drop_excluded, fuse
-from trainer.search import (
+from trainer.retrieval.search import (
     embed_everywhere,
     embed_shard,
     merge_ranks,

@@ -30,7 +30,7 @@ from trainer.data import Columns, DataError
 from trainer.data.records import jsonl_records
 from trainer.data.sources import text_batches
 from trainer.evaluate import corpus_text
-from trainer.text_store import TextStore, write_texts
+from trainer.retrieval.text_store import TextStore, write_texts
 
 CORPUS_BATCH = 65536
 DONE_FILE = "pool.json"

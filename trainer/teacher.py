@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from trainer.core import distributed
 from trainer.core.model import AUTOCAST_DTYPES, Encoder, check_remote_code, load_tokenizer, resolve_model_path, text_embedder
-from trainer.search import gather_rows, plan_by_length
+from trainer.retrieval.search import gather_rows, plan_by_length
 
 KINDS = ("auto", "cross_encoder", "bi_encoder")
 

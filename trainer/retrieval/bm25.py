@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from trainer.core import distributed
-from trainer.bm25_matrix import score_matrix
+from trainer.retrieval.bm25_matrix import score_matrix
 from trainer.core.memory import release_freed_memory
-from trainer.search import merge_ranks
+from trainer.retrieval.search import merge_ranks
 
 SLACK = 16  # extra candidates fetched per shard, so that ties at the cut rarely need a second look
 NUMBA_FROM_QUERIES = 2000  # auto: numba's compilation (~5 s) pays for itself from about this many queries
