@@ -33,6 +33,19 @@ def tiny_decoder(pooling: str) -> Encoder:
     return Encoder(Qwen3Model(config), pooling=pooling)
 
 
+def tiny_modernbert(pooling: str) -> Encoder:
+    """A random ModernBERT: rotary positions, and local attention (a window of 4 tokens, so +-2)
+    in two layers of three: the window must stay inside each text and keep its width when packed."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    config = ModernBertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=2, max_position_embeddings=64, local_attention=4,
+                              global_attn_every_n_layers=3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              cls_token_id=1, sep_token_id=2)
+    torch.manual_seed(0)
+    return Encoder(ModernBertModel(config), pooling=pooling)
+
+
 def left_padded(batch: dict) -> dict:
     """The same texts with their padding moved to the left."""
     mask = batch["attention_mask"]
@@ -51,13 +64,15 @@ def packed_embeddings(encoder, batch, chunk_size: int = 3) -> torch.Tensor:
 # rotary positions (Qwen3) with mean or last-token pooling. (BERT's absolute positions shift with
 # left padding, and CLS pooling of a left-padded row takes a pad token.) Packing gives every text
 # the positions it has alone.
-CASES = [(m, p, "right") for m in ("bert", "qwen3") for p in ("mean", "cls", "last_token")]
+CASES = [(m, p, "right") for m in ("bert", "qwen3", "modernbert") for p in ("mean", "cls", "last_token")]
 CASES += [("qwen3", "mean", "left"), ("qwen3", "last_token", "left")]
 
 
 @pytest.mark.parametrize("model,pooling,padding_side", CASES)
 def test_packed_embeddings_equal_the_padded_model(model, pooling, padding_side):
-    encoder = (tiny_encoder(pooling=pooling) if model == "bert" else tiny_decoder(pooling)).eval()
+    build = {"bert": lambda: tiny_encoder(pooling=pooling), "qwen3": lambda: tiny_decoder(pooling),
+             "modernbert": lambda: tiny_modernbert(pooling)}[model]
+    encoder = build().eval()
     assert encoder.supports_packing
     batch = token_batch(7, 16, seed=3)
     if padding_side == "left":

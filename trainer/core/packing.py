@@ -146,12 +146,15 @@ def _varlen_kernel():
         return None
     takes = inspect.signature(varlen_attn).parameters
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, longest: int, scale, causal: bool) -> Tensor:
+    def attend(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, longest: int, scale, causal: bool,
+               window: tuple[int, int]) -> Tensor | None:
         if k.shape[1] != q.shape[1] and "enable_gqa" not in takes:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
         options = {"scale": scale}
         if "window_size" in takes:
-            options["window_size"] = (-1, 0) if causal else (-1, -1)
+            options["window_size"] = window
+        elif window != ((-1, 0) if causal else (-1, -1)):
+            return None  # a sliding window this release cannot take: the grid path does it
         else:
             options["is_causal"] = causal
         if k.shape[1] != q.shape[1]:
@@ -175,22 +178,40 @@ def packed_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
         return ALL_ATTENTION_FUNCTIONS[original](module, query, key, value, attention_mask, scaling=scaling,
                                                  dropout=dropout, **kwargs)
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    window = _window(kwargs.get("sliding_window"), causal)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, d)
+    out = None
     if q.is_cuda and dropout == 0.0 and _VARLEN is not None and q.dtype in _FLASH_DTYPES:
-        out = _VARLEN(q, k, v, packed_layout.cu_seq_lens, packed_layout.max_length, scaling, causal)
-    else:
-        out = _grid_attention(q, k, v, packed_layout, scaling, dropout, causal)
+        out = _VARLEN(q, k, v, packed_layout.cu_seq_lens, packed_layout.max_length, scaling, causal, window)
+    if out is None:
+        out = _grid_attention(q, k, v, packed_layout, scaling, dropout, window)
     return out.unsqueeze(0), None
 
 
-def _grid_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, scaling, dropout: float, causal: bool) -> Tensor:
+def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
+    """(keys before, keys after) a query may see, -1 = all: flash's window_size. transformers passes
+    a sliding window in flash's inclusive convention (ModernBERT: its config's half-window + 1,
+    Mistral-style decoders: the window), so a query sees sliding_window - 1 keys on either side."""
+    reach = sliding_window - 1 if sliding_window else -1
+    return (reach, 0) if causal else (reach, reach)
+
+
+def _grid_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, scaling, dropout: float,
+                    window: tuple[int, int]) -> Tensor:
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each key/value head serves a group of query heads
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     qg, kg, vg = (layout.grid(x).transpose(1, 2) for x in (q, k, v))  # (n, heads, longest, d)
     mask = layout.valid()[:, None, None, :]
-    if causal:
-        longest = layout.max_length
-        mask = mask & torch.ones(longest, longest, dtype=torch.bool, device=q.device).tril()
+    before, after = window
+    if before >= 0 or after >= 0:
+        offset = torch.arange(layout.max_length, device=q.device)
+        offset = offset[None, :] - offset[:, None]  # key position - query position
+        allowed = torch.ones_like(offset, dtype=torch.bool)
+        if before >= 0:
+            allowed &= offset >= -before
+        if after >= 0:
+            allowed &= offset <= after
+        mask = mask & allowed
     out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return layout.ungrid(out.transpose(1, 2))
 
