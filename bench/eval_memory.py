@@ -1,6 +1,6 @@
 """Peak memory of retrieval evaluation on a large synthetic corpus: the old dense evaluation
 (every embedding on one rank, the whole query x corpus score matrix, then top-10) against the
-sharded, chunked one in trainer/evaluate.py. Both see the same texts and the same random model
+sharded, chunked one in trainer/eval/evaluate.py. Both see the same texts and the same random model
 and must give the same figures.
 
 Each method runs in a fresh subprocess, which reports its peak RSS (CPU) or
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 def synthetic_set(docs: int, queries: int, seed: int = 0):
     """Documents of 8 random words; query i is 3 words of document i (judged relevant)."""
-    from trainer.evaluate import BeirSet
+    from trainer.eval.beir import BeirSet
 
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(120)]
@@ -67,7 +67,7 @@ def worker(method: str, folder: Path, docs: int, queries: int, batch_size: int) 
     import torch.nn.functional as F
 
     from trainer.core import distributed
-    from trainer.evaluate import evaluate, ranking_metrics
+    from trainer.eval.evaluate import evaluate, ranking_metrics
     from trainer.core.model import Encoder, load_tokenizer, resolve_device, text_embedder
 
     distributed.init_distributed()

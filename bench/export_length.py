@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trainer.evaluate import load_beir
+from trainer.eval.beir import load_beir
 
 
 def main() -> None:

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from tests.tiny import (
     REPO, run_trainer, subprocess_env, synthetic_pairs, write_beir, write_jsonl, write_tiny_model,
 )
-from trainer.calibration import (
+from trainer.eval.calibration import (
     Calibration, brier_score, cross_validated, expected_calibration_error, fit_calibration, load_calibration,
     uncalibrated,
 )
-from trainer.evaluate import BeirSet, EmbeddedSet, judged_pairs
+from trainer.eval.beir import BeirSet
+from trainer.eval.evaluate import EmbeddedSet, judged_pairs
 from trainer.model_card import read_metadata
 
 SLOPE, INTERCEPT = 9.0, -5.0  # P(relevant) = sigmoid(9 cos - 5): 0.5 at cosine 0.56, as after MNRL training

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from tests.tiny import synthetic_pairs, write_beir
-from trainer.evaluate import BeirSet, load_beir, retrieval_metrics
+from trainer.eval.beir import BeirSet, load_beir
+from trainer.eval.evaluate import ranking_metrics
 
+
+
+def retrieval_metrics(scores: torch.Tensor, data: BeirSet, k: int = 10) -> dict[str, float]:
+    """scores: (queries, corpus), searched by brute force. Mean NDCG@k (graded), recall@k and MRR@k."""
+    return ranking_metrics(scores.topk(min(k, scores.shape[1]), dim=1).indices.tolist(), data, k)
 
 def test_metrics_on_a_hand_worked_example():
     data = BeirSet(
@@ -102,7 +108,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     import sys
 
     from tests.tiny import REPO, write_tiny_model
-    from trainer.evaluate import evaluate
+    from trainer.eval.evaluate import evaluate
     from trainer.core.model import Encoder, load_tokenizer, text_embedder
 
     model = write_tiny_model(tmp_path / "model")

@@ -28,10 +28,10 @@ def test_the_layers_contracts_hold():
     assert "0 broken" in proc.stdout
 
 
-@pytest.mark.parametrize("module", ["core/losses.py", "data/batches.py", "retrieval/search.py"])
+@pytest.mark.parametrize("module", ["core/losses.py", "data/batches.py", "retrieval/search.py", "eval/beir.py"])
 def test_a_wrong_way_import_breaks_the_contract(tmp_path, module):
-    """The same check on a copy of the package in which the library, data or retrieval imports the run's
-    config: it must fail, naming the import (so the test above can fail too)."""
+    """The same check on a copy of the package in which the library, data, retrieval or evaluation
+    imports the run's config: it must fail, naming the import (so the test above can fail too)."""
     shutil.copytree(REPO / "trainer", tmp_path / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
     path = tmp_path / "trainer" / module
     path.write_text(path.read_text().replace("from __future__ import annotations\n",

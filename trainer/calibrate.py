@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.calibration import brier_score, cross_validated, expected_calibration_error, fit_calibration, uncalibrated
+from trainer.eval.calibration import brier_score, cross_validated, expected_calibration_error, fit_calibration, uncalibrated
 from trainer.data import DataError
-from trainer.evaluate import (
-    BeirSet, JudgedPairs, describe_set, embed_eval_set, judged_pairs, load_beir, say_main, tool_embedders,
-)
+from trainer.eval.beir import BeirSet, load_beir
+from trainer.eval.evaluate import JudgedPairs, embed_eval_set, judged_pairs
+from trainer.evaluate import describe_set, say_main, tool_embedders
 
 PICTURE_FILE = "calibration.png"
 

@@ -29,7 +29,7 @@ import numpy as np
 from trainer.data import Columns, DataError
 from trainer.data.records import jsonl_records
 from trainer.data.sources import text_batches
-from trainer.evaluate import corpus_text
+from trainer.eval.beir import corpus_text
 from trainer.retrieval.text_store import TextStore, write_texts
 
 CORPUS_BATCH = 65536

@@ -144,7 +144,7 @@ def draw_calibration(out: Path, scores, labels, calibrated, calibration, bins: i
     import numpy as np
     from matplotlib.figure import Figure
 
-    from trainer.calibration import expected_calibration_error, reliability, uncalibrated
+    from trainer.eval.calibration import expected_calibration_error, reliability, uncalibrated
 
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     fig = Figure(figsize=(12, 5), layout="constrained")

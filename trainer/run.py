@@ -29,7 +29,8 @@ from trainer.data import (
 from trainer.config import resolve_eval_data
 from trainer.deepspeed_config import build_config, resolve_backend
 from trainer.early_stopping import EarlyStopping
-from trainer.evaluate import BeirSet, evaluate, load_beir
+from trainer.eval.beir import BeirSet, load_beir
+from trainer.eval.evaluate import evaluate
 from trainer.core.flops import ModelFlops, device_peak_tflops
 from trainer.core.gradcache import GradCache
 from trainer.core.losses import ContrastiveLoss
