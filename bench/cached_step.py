@@ -176,9 +176,11 @@ def make_st_step(args, backbone):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=args.device == "cuda")
     backward_in_autocast = method != "st"
 
+    from trainer.core.chunk_plan import LENGTHS
+
     def step(queries, docs):
-        queries = {k: v for k, v in queries.items() if k != "lengths"}
-        docs = {k: v for k, v in docs.items() if k != "lengths"}
+        queries = {k: v for k, v in queries.items() if k != LENGTHS}  # our collate's host-side lengths: not its input
+        docs = {k: v for k, v in docs.items() if k != LENGTHS}
         with torch.autocast(args.device, dtype=args.dtype, enabled=args.dtype != torch.float32):
             loss = loss_fn([dict(queries), dict(docs)], labels=None)
             if backward_in_autocast:

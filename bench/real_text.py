@@ -177,7 +177,7 @@ def model_flops_utilisation(args, backbone, batches, seconds: float, work) -> fl
     peak = device_peak_tflops(torch.device(args.device))
     if peak is None:
         return None
-    flops = ModelFlops(type("Encoder", (), {"backbone": backbone})())
+    flops = ModelFlops(backbone)
     total = 0.0
     for queries, docs in batches:
         lengths = torch.cat([queries["attention_mask"].sum(1), docs["attention_mask"].sum(1)]).double()

@@ -22,12 +22,9 @@ from torch import nn
 
 from trainer.core import distributed
 from trainer.core.gradcache import GradCache, StepOutOfMemory, RngState
-from trainer.core.memory import PeakMemory, available_bytes, is_out_of_memory, release
+from trainer.core.memory import HEADROOM, PeakMemory, available_bytes, is_out_of_memory, release
 
 AUTO = "auto"
-HEADROOM = 0.85
-"""Share of the free memory a probed size may plan to use: the rest absorbs what the probe does
-not see (fragmentation, the allocator's rounding, another process)."""
 
 
 def parse_size(value, key: str) -> int | str | None:

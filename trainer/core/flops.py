@@ -36,10 +36,11 @@ def device_peak_tflops(device: torch.device, override: float | None = None) -> f
 
 
 class ModelFlops:
-    """FLOPs of an encoder's work, from its transformer's config and parameters."""
+    """FLOPs of an encoder's work (model.Encoder, or the transformer itself), from the
+    transformer's config and parameters."""
 
     def __init__(self, encoder: nn.Module) -> None:
-        backbone = encoder.backbone
+        backbone = getattr(encoder, "backbone", encoder)
         config = backbone.config
         embedding = {id(p) for m in backbone.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
         # peft's adapters are parameters too (trained, so they count); a peft wrapper's base model

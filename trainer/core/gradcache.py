@@ -290,7 +290,10 @@ class GradCache:
                 if self.keeper is not None and index != reembedded and self.keeper.fits(tokens[index]):
                     graph = self._kept_forward(chunk, tokens[index], rng_states[-1], device)
                 graphs.append(graph)
-                embeddings.append(graph.detach() if graph is not None else self._forward_without_graph(chunk, rng_states[-1], graphs, device))
+                if graph is None:
+                    embeddings.append(self._forward_without_graph(chunk, rng_states[-1], graphs, device))
+                else:
+                    embeddings.append(graph.detach())
         return rng_states, embeddings
 
     def _forward_without_graph(self, chunk, rng: RngState, graphs: list, device) -> Tensor:

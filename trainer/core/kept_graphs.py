@@ -18,16 +18,12 @@ grad (the step's result is unchanged), and the budget shrinks to what had fit.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from trainer.core.memory import available_bytes
+from trainer.core.memory import HEADROOM, available_bytes, bytes_in_use
 
 AUTO = "auto"
-HEADROOM = 0.85
-"""Share of the memory left that kept graphs may plan to use (the rest absorbs fragmentation,
-the allocator's rounding and the loss's own work)."""
 
 
 class GraphKeeper:
@@ -37,7 +33,7 @@ class GraphKeeper:
         if isinstance(budget, str) and budget != AUTO:
             raise ValueError(f"keep_graphs budget must be a number of bytes, None or 'auto', got {budget!r}")
         self.budget, self.device, self.reserve_bytes = budget, device, reserve_bytes
-        self.bytes_in_use = lambda: _bytes_in_use(device)
+        self.bytes_in_use = lambda: bytes_in_use(device)
         """What the device holds now (a test may count its own way)."""
         self.bytes_per_token = 0.0
         self.shrunk_to: int | None = None  # after an out-of-memory: what had fit
@@ -88,14 +84,3 @@ class GraphKeeper:
         else:
             self.shrunk_to = self.used // 2
         self._limit = 0.0  # nothing more this step
-
-
-def _bytes_in_use(device: torch.device) -> int:
-    """CUDA: the caching allocator's own count (host-side: no sync). CPU: resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm", "rb") as statm:  # one short read; Linux only, like the rest of memory.py
-        return int(statm.read().split()[1]) * _PAGE
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

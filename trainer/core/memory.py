@@ -83,6 +83,19 @@ def _mem_available() -> int | None:
     return None
 
 
+HEADROOM = 0.85
+"""Share of the free memory that a probed size or kept graphs may plan to use: the rest absorbs
+what a plan does not see (fragmentation, the allocator's rounding, another process)."""
+
+
+def bytes_in_use(device: torch.device) -> int:
+    """What this process holds on `device` now: CUDA's allocator count (host-side, no sync), or on
+    a CPU its resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status("VmRSS") or 0
+
+
 def available_bytes(device: torch.device) -> int:
     """Memory this process can still take on `device`: on CUDA the device's free memory plus what
     torch's caching allocator holds unused; on a CPU the smaller of MemAvailable and the
