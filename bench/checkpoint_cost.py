@@ -40,8 +40,9 @@ def main() -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from trainer import checkpoint, manifest
     from trainer.core.model import Encoder
+    from trainer.core.rng import RngState
+    from trainer.run import checkpoint, manifest
 
     encoder = Encoder(BertModel(BertConfig(**SHAPES[args.shape])))
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-4)
@@ -56,7 +57,7 @@ def main() -> None:
     def save_without_manifest(run_dir: Path, step: int) -> None:
         folder = run_dir / "checkpoints" / f"step-{step}"
         folder.mkdir(parents=True)
-        torch.save(checkpoint.rng_state(), folder / "rng-rank0.pt")
+        torch.save(RngState(every_generator=True).to_dict(), folder / "rng-rank0.pt")
         save_state(folder)
 
     def load(folder: Path) -> None:

@@ -48,7 +48,7 @@ def main() -> None:
         print(f"training process: torch and all-MiniLM-L6-v2 loaded ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
     except Exception as err:  # the package is optional here
         print(f"training process: torch loaded (no model: {err})")
-    from trainer.plot import BackgroundPlot, draw_curves, load_run
+    from trainer.run.curves import BackgroundPlot, draw_curves, load_run
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = fake_run(Path(tmp), args.steps, args.evals)

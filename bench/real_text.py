@@ -62,7 +62,7 @@ def real_batches(batch_size: int, steps: int, device: str, train: str | None = N
     `train` (default: the shared Debian file, else the demo's sample), tokenised by `tokenizer`
     (a model name or folder; the MiniLM one by default)."""
     from trainer.data import Columns, GlobalBatches, TokenSettings, collate, parse_sources, prepare
-    from trainer.core.model import load_tokenizer
+    from trainer.core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer)
     train = train or next(p for p in DEBIAN if p.exists())

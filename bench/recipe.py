@@ -29,8 +29,8 @@ SAMPLE = REPO / "data" / "debian-sample" / "train.jsonl.gz"
 def mine_once(root: Path, retriever: str, num_negatives: int, output: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from trainer import config
-    from trainer.mine import mine
+    from trainer.run import config
+    from trainer.mining.miner import mine
 
     config.register()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf" / "tools")):

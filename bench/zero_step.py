@@ -46,9 +46,9 @@ def worker(args) -> None:
     from transformers import BertConfig, BertModel
 
     from trainer.core import distributed
-    from trainer.backends import create_backend
-    from trainer.config import Config
-    from trainer.deepspeed_config import build_config
+    from trainer.run.backends import create_backend
+    from trainer.run.config import Config
+    from trainer.run.deepspeed_config import build_config
     from trainer.core.gradcache import GradCache
     from trainer.core.losses import ContrastiveLoss
     from trainer.core.model import Encoder

@@ -1,4 +1,4 @@
-"""Writes docs/configuration.md from the schema in trainer/config.py: every key of a training run
+"""Writes docs/configuration.md from the schemas in trainer/run/config.py and trainer/tools/configs.py: every key of a training run
 and of each tool, its default, and the docstring under its field (the schema is the one source;
 tests/test_config.py fails when the page is stale).
 
@@ -17,10 +17,11 @@ DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
 sys.path.insert(0, str(REPO))
 
-from trainer import config  # noqa: E402
+from trainer.run import config  # noqa: E402
+from trainer.tools import configs  # noqa: E402
 
-TOOLS = (("evaluate", config.EvaluateConfig), ("calibrate", config.CalibrateConfig), ("mine", config.MineConfig),
-         ("score", config.ScoreConfig))
+TOOLS = (("evaluate", configs.EvaluateConfig), ("calibrate", configs.CalibrateConfig), ("mine", configs.MineConfig),
+         ("score", configs.ScoreConfig))
 
 
 def field_docstrings(source: str) -> dict[str, dict[str, str]]:
@@ -77,9 +78,11 @@ def _table(title: str, entries: list[tuple[str, str, str]]) -> list[str]:
 
 
 def page() -> str:
-    docs = field_docstrings((REPO / "trainer" / "config.py").read_text())
+    docs = {}
+    for schema_file in ("run/config.py", "tools/configs.py"):
+        docs.update(field_docstrings((REPO / "trainer" / schema_file).read_text()))
     lines = ["# Configuration reference", "",
-             "Generated from the schema's field docstrings (`trainer/config.py`) by `python docs/make_configuration.py`;",
+             "Generated from the schema's field docstrings (`trainer/run/config.py`, `trainer/tools/configs.py`) by `python docs/make_configuration.py`;",
              "`tests/test_config.py` fails when this page is stale. A misspelt key or a value of the wrong type fails",
              "when Hydra composes the config, before anything runs. The default groups change a few keys: the demo",
              "(`trainer=demo`) sets `trainer.max_steps` 24, `trainer.lr` 5e-5 and `trainer.warmup_steps` 2;",

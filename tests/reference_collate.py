@@ -11,6 +11,7 @@ import pyarrow as pa
 import torch
 
 from trainer.data.batches import _pad_rows, chosen_slots
+from trainer.data.cache import SCHEMA
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,3 +69,31 @@ def reference_collate(
         "query_hashes": torch.from_numpy(query_hash),
         "doc_hashes": torch.from_numpy(doc_hash),
     }
+
+
+def cached_rows(table, indices) -> dict[str, list]:
+    """Columns (as Python lists) of a CachedRows' rows `indices`, in that order, read back through the
+    spans the collate uses: what the cache holds, for comparing with the source rows."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out = {name: [None] * len(indices) for name in SCHEMA.names}
+    (query_parts, query_hash), counts = table.query_spans(indices), table.doc_counts(indices)
+    for where, spans in query_parts:
+        for j, start, length in zip(where.tolist(), spans.starts.tolist(), spans.lengths.tolist()):
+            out["query_ids"][j] = spans.view[start : start + length].tolist()
+    out["query_hash"] = query_hash.tolist()
+    row_of = np.repeat(np.arange(len(indices)), counts)
+    slots = np.arange(len(row_of)) - np.repeat(np.cumsum(counts) - counts, counts)
+    doc_parts, doc_hash = table.doc_spans(indices[row_of], slots)
+    docs = [None] * len(row_of)
+    for where, spans in doc_parts:
+        for j, start, length in zip(where.tolist(), spans.starts.tolist(), spans.lengths.tolist()):
+            docs[j] = spans.view[start : start + length].tolist()
+    bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    out["doc_ids"] = [docs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    out["doc_hash"] = [doc_hash[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    has_scores = table.score_counts(indices) > 0
+    flat = np.zeros(len(row_of), np.float32)
+    scored_docs = np.flatnonzero(has_scores[row_of])
+    flat[scored_docs] = table.doc_scores(indices[row_of][scored_docs], slots[scored_docs])
+    out["scores"] = [flat[a:b].tolist() if has else [] for has, a, b in zip(has_scores, bounds[:-1], bounds[1:])]
+    return out

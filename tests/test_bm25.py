@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import random
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
 
-from trainer.retrieval.bm25 import ShardIndex, _canonical, bm25_lists, pool_stats, shard_tokens, tokenize
+from trainer.retrieval.bm25 import ShardIndex, _canonical, pool_stats, ranked_lists, shard_index, shard_tokens, tokenize
 from trainer.retrieval.search import merge_ranks
 
 WORDS = [f"term{i}" for i in range(40)]
+
+
+def bm25_lists(queries: Sequence[str], pool: Sequence[str], k: int, backend: str = "auto",
+               query_block: int = 8192) -> np.ndarray:
+    """The miner's use of the index: ranked_lists for every query, a block of queries at a time, over shard_index(pool)."""
+    index = shard_index(pool, backend, len(queries))
+    out = [ranked_lists(index, queries[q0 : q0 + query_block], k) for q0 in range(0, len(queries), query_block)]
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
 def texts(count: int, seed: int, words: int = 8) -> list[str]:

@@ -21,7 +21,7 @@ from trainer.eval.calibration import (
 )
 from trainer.eval.beir import BeirSet
 from trainer.eval.evaluate import EmbeddedSet, judged_pairs
-from trainer.model_card import read_metadata
+from tests.tiny import read_metadata
 
 SLOPE, INTERCEPT = 9.0, -5.0  # P(relevant) = sigmoid(9 cos - 5): 0.5 at cosine 0.56, as after MNRL training
 

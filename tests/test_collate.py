@@ -15,7 +15,7 @@ import torch
 from tests.reference_collate import reference_collate
 from tests.tiny import REPO, write_jsonl
 from trainer.data import Columns, GlobalBatches, TokenSettings, collate, parse_sources, prepare, resolve_num_negatives
-from trainer.core.model import load_tokenizer
+from trainer.core.tokenizer import load_tokenizer
 
 DEBIAN = REPO / "data" / "debian-sample" / "train.jsonl.gz"
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from tests.tiny import REPO
-from trainer import config
+from trainer.run import config
+from trainer.tools import configs
 from trainer.data import parse_sources
 from trainer.core.model import resolve_model_path
 
@@ -81,8 +82,8 @@ def test_the_configuration_reference_is_current_and_has_every_key():
 
 def test_the_configuration_reference_has_every_tool_key():
     page = _reference_page()
-    for schema, tool in ((config.MineConfig, "mine"), (config.EvaluateConfig, "evaluate"), (config.ScoreConfig, "score"),
-                         (config.CalibrateConfig, "calibrate")):
+    for schema, tool in ((configs.MineConfig, "mine"), (configs.EvaluateConfig, "evaluate"), (configs.ScoreConfig, "score"),
+                         (configs.CalibrateConfig, "calibrate")):
         header = f"## `python -m trainer.{tool}`"
         assert header in page, header
         table = page[page.index(header) :].split("\n\n## ")[0]
@@ -93,7 +94,7 @@ def test_the_configuration_reference_has_every_tool_key():
 def test_tool_configs_compose():
     from hydra import compose, initialize_config_dir
 
-    config.register()
+    configs.register()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf" / "tools")):
         mine = compose(config_name="mine", overrides=["input=a.jsonl", "output=b.jsonl", "retriever=bm25"])
         evaluate = compose(config_name="evaluate", overrides=["model=m", "data=d"])

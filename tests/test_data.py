@@ -15,9 +15,16 @@ from trainer.data import (
     Columns, DataError, GlobalBatches, TokenSettings, collate, parse_sources, prepare, resolve_num_negatives, text_hash,
 )
 from trainer.data import cache as cache_module
-from trainer.core.model import load_tokenizer
+from tests.reference_collate import cached_rows
+from trainer.core.tokenizer import load_tokenizer
 
 SETTINGS = TokenSettings(query_max_length=8, doc_max_length=12)
+
+
+def global_rows(batches, step: int) -> list[int]:
+    """A GlobalBatches' rows of this rank for `step`, numbered across all sources."""
+    part = batches.batch_rows(step)
+    return (batches.offsets[part.source] + part.row).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +46,7 @@ def prepared(tmp_path, train, tokenizer, columns=Columns(), settings=SETTINGS):
 
 
 def rows_of(data, source: int = 0) -> dict:
-    return data.tables[source].rows(range(len(data.tables[source])))
+    return cached_rows(data.tables[source], range(len(data.tables[source])))
 
 
 # ------------------------------------------------------------------------------ reading
@@ -261,12 +268,12 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
             ranks = [GlobalBatches(sizes, 16, 3, world, r, weights=single.weights, same_source=same_source)
                      for r in range(world)]
             for step in (0, 5, 6, 13, 4100):
-                assert sum((b.rows(step) for b in ranks), []) == single.rows(step)
+                assert sum((global_rows(b, step) for b in ranks), []) == global_rows(single, step)
     # One source: each epoch is a permutation, no row twice, the incomplete last batch dropped.
     single = GlobalBatches(100, 16, 3)
-    epoch = sum((single.rows(s) for s in range(single.steps_per_epoch)), [])
+    epoch = sum((global_rows(single, s) for s in range(single.steps_per_epoch)), [])
     assert len(set(epoch)) == len(epoch) == 96
-    assert single.rows(0) != single.rows(6)  # a new order each epoch
+    assert global_rows(single, 0) != global_rows(single, 6)  # a new order each epoch
 
 
 def test_weighted_sources_are_drawn_at_their_rates_and_batches_do_not_mix():
@@ -275,18 +282,18 @@ def test_weighted_sources_are_drawn_at_their_rates_and_batches_do_not_mix():
     offsets = np.cumsum([0] + sizes)
     picks = []
     for step in range(2000):
-        rows = np.array(same.rows(step))
+        rows = np.array(global_rows(same, step))
         k = same.source_of(step)
         assert offsets[k] <= rows.min() and rows.max() < offsets[k + 1]  # one source per batch
         picks.append(k)
     assert np.mean(picks) == pytest.approx(0.75, abs=0.03)
     assert same.rows_seen(2000) == {"source0": 32 * picks.count(0), "source1": 32 * picks.count(1)}
     # Within a source, rows are used once per source epoch.
-    first = [r for s in range(2000) if picks[s] == 0 for r in same.rows(s)][: (1000 // 32) * 32]
+    first = [r for s in range(2000) if picks[s] == 0 for r in global_rows(same, s)][: (1000 // 32) * 32]
     assert len(set(first)) == len(first)
 
     mixed = GlobalBatches(sizes, 32, seed=7, weights=weights, same_source=False)
-    from_second = np.mean([np.mean(np.array(mixed.rows(s)) >= 1000) for s in range(500)])
+    from_second = np.mean([np.mean(np.array(global_rows(mixed, s)) >= 1000) for s in range(500)])
     assert from_second == pytest.approx(0.75, abs=0.02)
     assert sum(mixed.rows_seen(500).values()) == 500 * 32
 
@@ -294,9 +301,9 @@ def test_weighted_sources_are_drawn_at_their_rates_and_batches_do_not_mix():
 def test_the_batch_of_a_step_does_not_depend_on_the_steps_before_it():
     """Resuming at step S computes step S's rows directly: they must equal those of a walk."""
     walked = GlobalBatches([50, 80], 8, seed=2, weights=[0.5, 0.5])
-    seen = [walked.rows(s) for s in range(9000)]
+    seen = [global_rows(walked, s) for s in range(9000)]
     fresh = GlobalBatches([50, 80], 8, seed=2, weights=[0.5, 0.5])
-    assert fresh.rows(8999) == seen[8999] and fresh.rows(4096) == seen[4096]
+    assert global_rows(fresh, 8999) == seen[8999] and global_rows(fresh, 4096) == seen[4096]
 
 
 def test_global_batch_must_split_evenly_and_fit():
@@ -345,12 +352,12 @@ def test_cached_rows_read_across_record_batches_in_the_order_asked(tmp_path, tok
     table = prepared(tmp_path, str(write_jsonl(tmp_path / "a.jsonl", rows)), tokenizer).tables[0]
     assert len(table.files[0].batch_starts) > 6 and len(table) == 300
     wanted = [299, 0, 150, 0, 17]
-    got = table.rows(wanted)
+    got = cached_rows(table, wanted)
     assert got["query_hash"] == [text_hash(rows[i]["query"]) for i in wanted]
     assert [h[1] for h in got["doc_hash"]] == [text_hash(rows[i]["negative_1"]) for i in wanted]
-    assert pickle.loads(pickle.dumps(table)).rows(wanted) == got  # a DataLoader worker maps it again
+    assert cached_rows(pickle.loads(pickle.dumps(table)), wanted) == got  # a DataLoader worker maps it again
     with pytest.raises(IndexError):
-        table.rows([300])
+        cached_rows(table, [300])
 
 
 # ------------------------------------------------------------------------------ teacher scores

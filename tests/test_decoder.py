@@ -10,7 +10,9 @@ import torch
 
 from tests.test_train import assets, common, metrics  # noqa: F401 (assets is a fixture)
 from tests.tiny import decoder_tokenizer, run_trainer, write_tiny_decoder
-from trainer.core.model import Encoder, fill_task, load_tokenizer, prepare_for_last_token, text_embedder
+from trainer.core.embedders import text_embedder
+from trainer.core.model import Encoder
+from trainer.core.tokenizer import fill_task, load_tokenizer, prepare_for_last_token
 
 EOS = 1  # decoder_tokenizer's <|endoftext|>
 

@@ -1,4 +1,4 @@
-"""The DeepSpeed config rules (trainer/deepspeed_config.py): Hydra keys, a JSON file and
+"""The DeepSpeed config rules (trainer/run/deepspeed_config.py): Hydra keys, a JSON file and
 accelerate launch's flags merge, and every contradiction is one error naming where it is."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from trainer.deepspeed_config import DeepSpeedConfigError, build_config, offloads_optimizer, resolve_backend
+from trainer.run.deepspeed_config import DeepSpeedConfigError, build_config, offloads_optimizer, resolve_backend
 
 
 def build(config_file=None, environ=None, **overrides):

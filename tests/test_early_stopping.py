@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.tiny import run_trainer, synthetic_pairs, write_beir, write_jsonl, write_tiny_model
-from trainer.early_stopping import EarlyStopping
+from trainer.run.early_stopping import EarlyStopping
 
 
 def test_plateau_rule_by_hand():
@@ -102,7 +102,7 @@ def test_stop_and_resume_decides_as_the_uninterrupted_run(assets, stopped_run, t
 
 def test_early_stopping_without_an_eval_curve_is_refused():
     from tests.test_config import compose_config
-    from trainer.run import _early_stopping
+    from trainer.run.build import _early_stopping
 
     with pytest.raises(ValueError, match="trainer.early_stopping needs an evaluation curve"):
         _early_stopping(compose_config("trainer.early_stopping.patience=2"))  # eval.every is 0

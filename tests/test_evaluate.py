@@ -109,7 +109,9 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
 
     from tests.tiny import REPO, write_tiny_model
     from trainer.eval.evaluate import evaluate
-    from trainer.core.model import Encoder, load_tokenizer, text_embedder
+    from trainer.core.embedders import text_embedder
+    from trainer.core.model import Encoder
+    from trainer.core.tokenizer import load_tokenizer
 
     model = write_tiny_model(tmp_path / "model")
     data_dir = write_beir(tmp_path / "dev", synthetic_pairs(60, seed=3))

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 from tests.test_train import assets, common, losses, metrics  # noqa: F401 (assets is a fixture)
 from tests.tiny import REPO, run_trainer, write_tiny_model
-from trainer import checkpoint, manifest, safe_load
+from trainer.run import checkpoint
+from trainer.run import manifest
+from trainer.run import safe_load
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

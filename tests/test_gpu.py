@@ -19,7 +19,7 @@ from tests.test_mine import assets, compose_mine, mine_args, read_jsonl  # noqa:
 from tests.tiny import run_trainer, synthetic_pairs, tiny_encoder, write_beir, write_jsonl, write_tiny_model
 from trainer.core.gradcache import GradCache
 from trainer.core.losses import ContrastiveLoss
-from trainer.mine import mine
+from trainer.mining.miner import mine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -93,7 +93,7 @@ def test_dropout_replay_with_cuda_generators():
 
 def test_batches_arrive_in_pinned_memory(tmp_path):
     from trainer.data import Columns, GlobalBatches, StepBatches, TokenSettings, parse_sources, prepare
-    from trainer.core.model import load_tokenizer
+    from trainer.core.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(write_tiny_model(tmp_path / "model")))
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32))

@@ -22,10 +22,12 @@ from tests.tiny import (
     write_jsonl,
     write_tiny_model,
 )
-from trainer import config
-from trainer.mine import mine
-from trainer.core.model import Encoder, load_tokenizer, text_embedder
-from trainer.negatives import choose, draw_keys, drop_excluded, fuse
+from trainer.tools import configs
+from trainer.mining.miner import mine
+from trainer.core.embedders import text_embedder
+from trainer.core.model import Encoder
+from trainer.core.tokenizer import load_tokenizer
+from trainer.mining.negatives import choose, draw_keys, drop_excluded, fuse
 
 
 def test_filter_drops_exactly_the_candidates_above_the_threshold():
@@ -98,7 +100,7 @@ def assets(tmp_path_factory):
 
 
 def compose_mine(*overrides: str):
-    config.register()
+    configs.register()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf" / "tools")):
         return compose(config_name="mine", overrides=list(overrides))
 
@@ -276,10 +278,10 @@ def test_killed_mining_resumes_and_writes_the_uninterrupted_output(assets, tmp_p
 
 
 def test_pool_files_equal_the_in_memory_pool(assets, tmp_path):
-    """mine_pool.build against the plain computation: the pool (positives then corpus, each text
+    """trainer.mining.pool.build against the plain computation: the pool (positives then corpus, each text
     once, first seen first), every row's query and positive id, and the excluded pairs."""
     from trainer.data import Columns
-    from trainer.mine_pool import MiningInput, build
+    from trainer.mining.pool import MiningInput, build
 
     build(tmp_path, str(assets["input"]), Columns(), str(assets["corpus"]))
     data = MiningInput.open(tmp_path)

@@ -60,7 +60,7 @@ def test_sigterm_to_torchrun_checkpoints_at_an_agreed_step_and_resumes(assets, t
 def test_stop_request_records_and_hands_the_signal_over(monkeypatch):
     import os
 
-    from trainer.preemption import StopRequest
+    from trainer.run.preemption import StopRequest
 
     seen = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))

@@ -1,4 +1,4 @@
-"""Teacher scores (trainer/teacher.py, `python -m trainer.score`, `trainer.mine teacher=PATH`): equal
+"""Teacher scores (trainer/mining/teacher.py, `python -m trainer.score`, `trainer.mine teacher=PATH`): equal
 to a direct call of the model on each pair, 2 ranks equal to 1, the teacher filter, bad input."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tests.test_mine import assets, compose_mine, mine_args, read_jsonl  # noqa: F401 (assets is a fixture)
 from tests.tiny import REPO, WORDS, run_python_module, subprocess_env, synthetic_pairs, word_tokenizer, write_jsonl
-from trainer import config
-from trainer.mine import mine
-from trainer.score import score
+from trainer.tools import configs
+from trainer.mining.miner import mine
+from trainer.tools.score import score
 
 
 def write_cross_encoder(folder):
@@ -41,7 +41,7 @@ def scoring(tmp_path_factory):
 
 
 def compose_score(*overrides: str):
-    config.register()
+    configs.register()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf" / "tools")):
         return compose(config_name="score", overrides=list(overrides))
 
@@ -74,7 +74,9 @@ def test_scores_are_the_cross_encoders_logits_of_each_pair(scoring, tmp_path):
 
 def test_a_bi_encoder_teacher_scores_cosines(scoring, tmp_path):
     from tests.tiny import write_tiny_model
-    from trainer.core.model import Encoder, load_tokenizer, text_embedder
+    from trainer.core.embedders import text_embedder
+    from trainer.core.model import Encoder
+    from trainer.core.tokenizer import load_tokenizer
 
     embedder = write_tiny_model(tmp_path / "embedder")
     output = tmp_path / "scored.jsonl"

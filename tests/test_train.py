@@ -139,7 +139,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(assets, full_run, 
     both = subprocess.run([sys.executable, "-m", "trainer.plot", str(full_run), str(run_dir), "--out", str(tmp_path / "both.png")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert both.returncode == 0 and (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", both.stderr
-    from trainer.plot import labels_for
+    from trainer.run.curves import labels_for
 
     # The resumed run was last started with full_run's very overrides: their folders tell them apart.
     assert labels_for([full_run, run_dir]) == ["run", "resumed"]
@@ -180,7 +180,8 @@ def test_saved_model_loads_in_sentence_transformers_with_the_same_embeddings(ful
 def test_export_keeps_every_weight_and_has_a_card_that_states_the_runs_figures(full_run):
     from transformers import AutoModel
 
-    from trainer.model_card import metric_id, read_metadata
+    from tests.tiny import read_metadata
+    from trainer.run.model_card import metric_id
 
     model = full_run / "model"
     _, info = AutoModel.from_pretrained(str(model), output_loading_info=True)
@@ -206,8 +207,8 @@ def test_export_keeps_every_weight_and_has_a_card_that_states_the_runs_figures(f
 def test_export_length_is_the_longer_of_the_base_models_and_trainings(tmp_path):
     from omegaconf import OmegaConf
 
-    from trainer.core.model import load_tokenizer
-    from trainer.run import export_length
+    from trainer.core.tokenizer import load_tokenizer
+    from trainer.run.build import export_length
 
     base = write_tiny_model(tmp_path / "base")
     tokenizer = load_tokenizer(str(base))

@@ -6,7 +6,10 @@ import atexit
 import os
 import subprocess
 import sys
+import re
 from pathlib import Path
+
+import yaml
 
 import numpy as np
 import torch
@@ -251,7 +254,7 @@ def assert_sentence_transformers_matches_encoder(folder: Path) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from trainer.core.model import load_tokenizer
+    from trainer.core.tokenizer import load_tokenizer
 
     texts = ["w1 w2 w3", "w7 w8 w9 w10 w11 w12"]
     st_vectors = torch.tensor(SentenceTransformer(str(folder), device="cpu").encode(texts))
@@ -260,3 +263,11 @@ def assert_sentence_transformers_matches_encoder(folder: Path) -> None:
     with torch.no_grad():
         ours = torch.nn.functional.normalize(encoder(**tokenizer(texts, padding=True, return_tensors="pt")), dim=-1)
     torch.testing.assert_close(st_vectors, ours, atol=1e-5, rtol=1e-5)
+
+
+def read_metadata(path: Path) -> dict:
+    """A model card's YAML metadata (the block between the first two '---' lines)."""
+    match = re.match(r"---\n(.*?)\n---\n", Path(path).read_text(), re.S)
+    if match is None:
+        raise ValueError(f"{path}: no YAML metadata block at the top")
+    return yaml.safe_load(match.group(1))

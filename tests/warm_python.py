@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WARM_MODULES = ("torch", "transformers", "datasets", "hydra", "peft", "trainer.train", "trainer.mine", "trainer.evaluate")
+WARM_MODULES = ("torch", "transformers", "datasets", "hydra", "peft", "trainer.run.loop", "trainer.mining.miner", "trainer.tools.evaluate")
 
 
 # pyarrow's jemalloc starts a background purging thread; jemalloc registers fork handlers

@@ -18,10 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer import config
 from trainer.core import distributed
-from trainer.apps import CONF_DIR
-
+from trainer.run import config
+from trainer.run.app import CONF_DIR
 
 
 def _agreed_run_stamp() -> str:
@@ -33,10 +32,10 @@ def _agreed_run_stamp() -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> None:
-    from trainer.apps import fail
-    from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
-    from trainer.train import TrainingDiverged, train
+    from trainer.run.app import fail
+    from trainer.run.checkpoint import CheckpointError
+    from trainer.run.loop import TrainingDiverged, train
 
     hydra_cfg = HydraConfig.get()
     # Runs of one multirun sweep share a W&B group named after the sweep, unless one is given.

@@ -2,6 +2,14 @@
 working: the calibration lives in trainer/eval/calibration.py."""
 
 from trainer.eval.calibration import (  # noqa: F401
-    CALIBRATION_FILE, METHODS, Calibration, brier_score, cross_validated, expected_calibration_error, fit_calibration,
-    load_calibration, reliability, uncalibrated,
+    CALIBRATION_FILE,
+    METHODS,
+    Calibration,
+    brier_score,
+    cross_validated,
+    expected_calibration_error,
+    fit_calibration,
+    load_calibration,
+    reliability,
+    uncalibrated,
 )

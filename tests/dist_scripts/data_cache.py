@@ -7,7 +7,8 @@ import sys
 from trainer.core import distributed
 from trainer.data import Columns, DataError, TokenSettings, parse_sources, prepare
 from trainer.data import cache as cache_module
-from trainer.core.model import load_tokenizer
+from tests.reference_collate import cached_rows
+from trainer.core.tokenizer import load_tokenizer
 
 model, good, bad, cache_dir = sys.argv[1:5]
 distributed.init_distributed()
@@ -23,7 +24,7 @@ try:
 except DataError as err:
     error = str(err)
 
-first = data.tables[0].rows(range(5))["query_hash"]
+first = cached_rows(data.tables[0], range(5))["query_hash"]
 gathered = distributed.gather_objects({"builds": builds.count(good), "rows": len(data), "first": first, "error": error})
 if distributed.is_main():
     print(json.dumps({

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 
-from trainer import mine_parts
+from trainer.mining import parts as mine_parts
 
 _save_manifest = mine_parts.Parts.save_manifest
 
@@ -22,6 +22,6 @@ def _dying_save_manifest(self) -> None:
 mine_parts.Parts.save_manifest = _dying_save_manifest
 
 if __name__ == "__main__":
-    from trainer.mine import main
+    from trainer.tools.mine import main
 
     main()

@@ -21,8 +21,14 @@ import torch
 from torch import nn
 
 from trainer.core import distributed
-from trainer.core.gradcache import GradCache, StepOutOfMemory, RngState
-from trainer.core.memory import HEADROOM, PeakMemory, available_bytes, is_out_of_memory, release
+from trainer.core.gradcache import GradCache, RngState, StepOutOfMemory
+from trainer.core.memory import (
+    HEADROOM,
+    PeakMemory,
+    available_bytes,
+    is_out_of_memory,
+    release,
+)
 
 AUTO = "auto"
 

@@ -163,6 +163,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def say(*args) -> None:
+    """print on rank 0 only (flushed, so torchrun and Slurm logs interleave in order); the other
+    ranks, which do the same work, stay quiet."""
+    if is_main():
+        print(*args, flush=True)
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `tensor` along dim 0, keeping the graph back to each rank's own.
 

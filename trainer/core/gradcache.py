@@ -45,7 +45,8 @@ from trainer.core.chunk_plan import LENGTHS, Plan, in_batch_order, plan_chunks
 from trainer.core.kept_graphs import AUTO, GraphKeeper
 from trainer.core.losses import ContrastiveLoss, LossStats
 from trainer.core.memory import is_out_of_memory, release
-from trainer.core.step_guard import OomGuard, RngState, StepOutOfMemory, guarded
+from trainer.core.rng import RngState
+from trainer.core.step_guard import OomGuard, StepOutOfMemory, guarded
 
 Batch = Mapping[str, Tensor]
 __all__ = ["GradCache", "StepOutOfMemory", "StepOutput", "StepWork", "RngState", "plan_chunks"]
@@ -87,7 +88,7 @@ class StepOutput:
 def _nan_unless_finite(loss: Tensor) -> Tensor:
     """1 if loss is finite, else nan (a tensor: no host sync). Gradients are multiplied by it so
     that a non-finite loss always gives non-finite gradients, on every rank once they are reduced:
-    the optimizer's guard (backends.py, DeepSpeed's overflow check) then sees it in the norm."""
+    the optimizer's guard (the run's backends, DeepSpeed's overflow check) then sees it in the norm."""
     return torch.where(torch.isfinite(loss), 1.0, torch.nan).to(loss.dtype)
 
 

@@ -4,7 +4,7 @@ peft's merge_and_unload() merges in place, into the module: exporting that way m
 copy of the model where the module lives (the accelerator), so that training's module stays
 unmerged, and under ZeRO-3, where each rank holds a shard of each weight, the whole model put
 back into the module on every rank at once. Merging a state dict works on a CPU copy, or on the
-whole state dict that ZeRO-3 gathers onto rank 0 one layer at a time (deepspeed_backend.py).
+whole state dict that ZeRO-3 gathers onto rank 0 one layer at a time (trainer/run/deepspeed_backend.py).
 """
 
 from __future__ import annotations

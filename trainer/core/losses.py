@@ -31,17 +31,15 @@ which is what lets the tiled variant stream over columns without ever holding a 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.core import distributed
 from trainer.core.distill import METHODS as DISTILL_METHODS
 from trainer.core.distill import group_cosines, kl_term, margin_mse_term, rank_agreement
+from trainer.core.global_batch import GlobalBatch, gather_global_batch
+from trainer.core.tiled_lse import MaskFn, TiledLogSumExp, hardest_negative
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 PARTITIONS = ("joint", "per_direction")
@@ -65,42 +63,6 @@ class LossStats:
 
 
 @dataclass(frozen=True)
-class _GlobalBatch:
-    """One rank's view of the global batch: its own rows, everyone's columns (all normalised)."""
-
-    def truncated(self, dim: int) -> _GlobalBatch:
-        """The same batch on the first dim coordinates of the embeddings, normalised again.
-        (Truncating a normalised vector and normalising it equals doing so to the raw one.)"""
-        queries = F.normalize(self.queries[:, :dim], dim=-1)
-        positives = F.normalize(self.positives[:, :dim], dim=-1)
-        return dataclasses.replace(
-            self,
-            queries=queries,
-            positives=positives,
-            all_queries=F.normalize(self.all_queries[:, :dim], dim=-1),
-            doc_columns=F.normalize(self.doc_columns[:, :dim], dim=-1),
-            pos_cos=(queries * positives).sum(-1),
-        )
-
-    queries: Tensor  # (b, d) local rows
-    positives: Tensor  # (b, d) local rows
-    all_queries: Tensor  # (N, d)
-    doc_columns: Tensor  # (C * N, d), column k = c * N + g
-    rows: Tensor  # (b,) global row index g of each local row
-    pos_cos: Tensor  # (b,) cosine of each local query to its positive
-    # Text hashes, present only when duplicate masking is on.
-    query_hash: Tensor | None = None  # (b,)
-    pos_hash: Tensor | None = None  # (b,)
-    all_query_hash: Tensor | None = None  # (N,)
-    all_pos_hash: Tensor | None = None  # (N,)
-    doc_col_hash: Tensor | None = None  # (C * N,)
-
-    @property
-    def num_rows(self) -> int:  # N, the global batch size
-        return self.all_queries.shape[0]
-
-
-@dataclass(frozen=True)
 class _Block:
     """One direction: local anchors scored against global columns."""
 
@@ -111,8 +73,6 @@ class _Block:
     has_target: bool  # column g is the row's positive pair (query_to_doc, doc_to_query)
 
 
-# (cosine tile (b, T), first column index) -> (masked (b, T), target (b, T) or None)
-MaskFn = Callable[[Tensor, int], tuple[Tensor, Tensor | None]]
 
 
 class ContrastiveLoss(nn.Module):
@@ -263,7 +223,7 @@ class ContrastiveLoss(nn.Module):
         # The loss is always computed in at least fp32, outside any autocast of the caller: in
         # bf16 the scores of 32K columns would lose the differences the softmax is about.
         with torch.autocast(device_type=q.device.type, enabled=False):
-            full = self._global_batch(q, docs, query_hashes, doc_hashes)
+            full = gather_global_batch(q, docs, query_hashes, doc_hashes, self.gather, self.mask_duplicates)
             teacher = None if teacher_scores is None else teacher_scores.to(full.queries.device, full.queries.dtype)
             sizes = [(None, 1.0)] if self.matryoshka_dims is None else list(zip(self.matryoshka_dims, self.matryoshka_weights))
             if self.matryoshka_dims is not None and max(self.matryoshka_dims) > q.shape[1]:
@@ -281,7 +241,7 @@ class ContrastiveLoss(nn.Module):
         self.last_parts = {k: v.detach() for k, v in parts.items() if v is not None}
         return loss
 
-    def _loss(self, batch: _GlobalBatch, teacher: Tensor | None) -> tuple[Tensor, LossStats, dict]:
+    def _loss(self, batch: GlobalBatch, teacher: Tensor | None) -> tuple[Tensor, LossStats, dict]:
         blocks = self._blocks(batch)
         if self.tile_size is None:
             block_lses, hardest = self._dense_block_lses(blocks, batch)
@@ -324,40 +284,7 @@ class ContrastiveLoss(nn.Module):
                 f"q {tuple(q.shape)} / docs {tuple(docs.shape)}"
             )
 
-    def _global_batch(
-        self, q: Tensor, docs: Tensor, query_hashes: Tensor | None, doc_hashes: Tensor | None
-    ) -> _GlobalBatch:
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        q = F.normalize(q.to(dtype), dim=-1)
-        docs = F.normalize(docs.to(dtype), dim=-1)
-        b = q.shape[0]
-        use_gather = self.gather and distributed.world_size() > 1
-        all_q = distributed.gather_with_grad(q) if use_gather else q
-        all_docs = distributed.gather_with_grad(docs) if use_gather else docs  # (N, C, d)
-        offset = distributed.rank() * b if use_gather else 0
-        hashes = {}
-        if self.mask_duplicates:
-            gather = distributed.gather_no_grad if use_gather else (lambda t: t)
-            all_qh = gather(query_hashes.to(q.device, torch.int64))
-            all_dh = gather(doc_hashes.to(q.device, torch.int64))  # (N, C)
-            hashes = dict(
-                query_hash=query_hashes.to(q.device, torch.int64),
-                pos_hash=doc_hashes[:, 0].to(q.device, torch.int64),
-                all_query_hash=all_qh,
-                all_pos_hash=all_dh[:, 0],
-                doc_col_hash=all_dh.t().reshape(-1),
-            )
-        return _GlobalBatch(
-            queries=q,
-            positives=docs[:, 0],
-            all_queries=all_q,
-            doc_columns=all_docs.transpose(0, 1).reshape(-1, q.shape[1]),
-            rows=torch.arange(offset, offset + b, device=q.device),
-            pos_cos=(q * docs[:, 0]).sum(-1),
-            **hashes,
-        )
-
-    def _blocks(self, batch: _GlobalBatch) -> list[_Block]:
+    def _blocks(self, batch: GlobalBatch) -> list[_Block]:
         anchors = {"query": batch.queries, "doc": batch.positives}
         columns = {"query": batch.all_queries, "doc": batch.doc_columns}
         blocks = []
@@ -374,7 +301,7 @@ class ContrastiveLoss(nn.Module):
             )
         return blocks
 
-    def _mask_fn(self, block: _Block, batch: _GlobalBatch) -> MaskFn:
+    def _mask_fn(self, block: _Block, batch: GlobalBatch) -> MaskFn:
         """The masks of a block, for any tile of its columns (the dense path asks for one tile)."""
         n_rows = batch.num_rows
         g = batch.rows[:, None]
@@ -404,7 +331,7 @@ class ContrastiveLoss(nn.Module):
 
         return masks
 
-    def _dense_block_lses(self, blocks: list[_Block], batch: _GlobalBatch) -> tuple[list[Tensor], Tensor]:
+    def _dense_block_lses(self, blocks: list[_Block], batch: GlobalBatch) -> tuple[list[Tensor], Tensor]:
         lses, hardest = [], None
         for block in blocks:
             mask_fn = self._mask_fn(block, batch)
@@ -412,25 +339,19 @@ class ContrastiveLoss(nn.Module):
             masked, target = mask_fn(cos, 0)
             lses.append(torch.logsumexp((cos * self.scale).masked_fill(masked, float("-inf")), dim=1))
             if block.name == "query_to_doc":
-                hardest = _hardest_negative(cos.detach(), masked, target)
+                hardest = hardest_negative(cos.detach(), masked, target)
         return lses, hardest
 
-    def _tiled_block_lses(self, blocks: list[_Block], batch: _GlobalBatch) -> tuple[list[Tensor], Tensor]:
+    def _tiled_block_lses(self, blocks: list[_Block], batch: GlobalBatch) -> tuple[list[Tensor], Tensor]:
         lses, hardest = [], None
         for block in blocks:
-            lse, block_hardest = _TiledLogSumExp.apply(
+            lse, block_hardest = TiledLogSumExp.apply(
                 block.anchors, block.columns, self.scale, self.tile_size, self._mask_fn(block, batch)
             )
             lses.append(lse)
             if block.name == "query_to_doc":
                 hardest = block_hardest
         return lses, hardest
-
-
-def _hardest_negative(cos: Tensor, masked: Tensor, target: Tensor | None) -> Tensor:
-    """Per row, the highest cosine among unmasked non-target columns (-inf if there is none)."""
-    excluded = masked if target is None else masked | target
-    return cos.masked_fill(excluded, float("-inf")).amax(dim=1)
 
 
 def _stats(pos_cos: Tensor, hardest: Tensor) -> LossStats:
@@ -441,51 +362,3 @@ def _stats(pos_cos: Tensor, hardest: Tensor) -> LossStats:
         pos_sim=pos_cos.mean(),
         neg_sim=neg_sim,
     )
-
-
-class _TiledLogSumExp(torch.autograd.Function):
-    """Row-wise masked logsumexp of scale * anchors @ columns.T, streamed over column tiles.
-
-    Forward keeps a running logsumexp per row; backward recomputes each tile's scores (and masks)
-    and turns them into softmax weights with the saved logsumexp. Neither pass holds more than one
-    (b, tile) block of scores: memory is linear in the batch.
-    Also returns, without gradient, each row's hardest unmasked non-target cosine.
-    """
-
-    @staticmethod
-    def forward(ctx, anchors: Tensor, columns: Tensor, scale: float, tile: int, mask_fn: MaskFn):
-        b = anchors.shape[0]
-        lse = anchors.new_full((b,), float("-inf"))
-        hardest = anchors.new_full((b,), float("-inf"))
-        for start in range(0, columns.shape[0], tile):
-            cos = anchors @ columns[start : start + tile].T
-            masked, target = mask_fn(cos, start)
-            hardest = torch.maximum(hardest, _hardest_negative(cos, masked, target))
-            # In place from here on: each (b, tile) temporary is what the memory bound is made of.
-            scores = cos.mul_(scale).masked_fill_(masked, float("-inf"))
-            lse = torch.logaddexp(lse, torch.logsumexp(scores, dim=1))
-        ctx.save_for_backward(anchors, columns, lse)
-        ctx.scale, ctx.tile, ctx.mask_fn = scale, tile, mask_fn
-        ctx.mark_non_differentiable(hardest)
-        return lse, hardest
-
-    @staticmethod
-    def backward(ctx, grad_lse: Tensor, _grad_hardest: Tensor):
-        anchors, columns, lse = ctx.saved_tensors
-        scale, tile = ctx.scale, ctx.tile
-        # A row whose every column is masked has lse = -inf and contributes nothing; keep it
-        # from turning into exp(-inf - -inf) = nan.
-        finite = torch.isfinite(lse)
-        safe_lse = torch.where(finite, lse, torch.zeros_like(lse))
-        row_weight = torch.where(finite, grad_lse, torch.zeros_like(grad_lse))[:, None] * scale
-        grad_anchors = torch.zeros_like(anchors)
-        grad_columns = torch.empty_like(columns)
-        for start in range(0, columns.shape[0], tile):
-            tile_columns = columns[start : start + tile]
-            cos = anchors @ tile_columns.T
-            masked, _ = ctx.mask_fn(cos, start)
-            # softmax weight * upstream gradient * scale = d loss / d cos, computed in place.
-            weights = cos.mul_(scale).masked_fill_(masked, float("-inf")).sub_(safe_lse[:, None]).exp_().mul_(row_weight)
-            grad_anchors += weights @ tile_columns
-            grad_columns[start : start + tile] = weights.T @ anchors
-        return grad_anchors, grad_columns, None, None, None

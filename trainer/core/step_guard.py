@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
 
 from trainer.core import distributed
 from trainer.core.memory import is_out_of_memory
+from trainer.core.rng import RngState
 
 
 class StepOutOfMemory(RuntimeError):
@@ -21,20 +21,6 @@ class StepOutOfMemory(RuntimeError):
         where = "on this rank" if cause is not None else "on another rank"
         super().__init__(f"out of memory in {phase} {where}" + (f": {cause}" if cause is not None else ""))
         self.phase = phase
-
-
-class RngState:
-    """The CPU generator and, if CUDA is in use, the current device's generator (both read on the
-    host: no device sync)."""
-
-    def __init__(self) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda)
 
 
 class OomGuard:

@@ -11,8 +11,9 @@ world-size-invariant global batches -> padded model inputs.
 
 from trainer.data.batches import StepBatches, TrainingData, collate
 from trainer.data.cache import TokenSettings, default_cache_dir
+from trainer.data.hashing import text_hash
 from trainer.data.prepare import prepare, require_scores, resolve_num_negatives
-from trainer.data.records import Columns, DataError, jsonl_records, text_hash
+from trainer.data.records import Columns, DataError, jsonl_records
 from trainer.data.sampling import BatchRows, GlobalBatches, source_weights
 from trainer.data.sources import Source, parse_sources
 

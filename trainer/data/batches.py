@@ -19,8 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.core.chunk_plan import LENGTHS, HostLengths
 from trainer.data.cache import CachedRows
+from trainer.data.hashing import mix64
 from trainer.data.mapped import PaddedTokens
-from trainer.data.sampling import BatchRows, GlobalBatches, _mix, hash_key
+from trainer.data.sampling import BatchRows, GlobalBatches, hash_key
 
 
 @dataclass
@@ -52,9 +53,9 @@ def chosen_slots(have: np.ndarray, want: int, seed: int, source: int, rows: np.n
     if want == 0:
         return np.zeros((b, 0), dtype=np.int64)
     width = max(int(have.max()) if b else 0, want)
-    row_keys = _mix(rows.astype(np.uint64) * np.uint64(0x9E3779B1) ^ epochs.astype(np.uint64) << np.uint64(40)
+    row_keys = mix64(rows.astype(np.uint64) * np.uint64(0x9E3779B1) ^ epochs.astype(np.uint64) << np.uint64(40)
                     ^ np.uint64(hash_key(seed, source, 0xE6)))
-    keys = _mix(row_keys[:, None] ^ (np.arange(width, dtype=np.uint64)[None, :] + np.uint64(1)) * np.uint64(0xD1B54A32D192ED03))
+    keys = mix64(row_keys[:, None] ^ (np.arange(width, dtype=np.uint64)[None, :] + np.uint64(1)) * np.uint64(0xD1B54A32D192ED03))
     keys[np.arange(width)[None, :] >= have[:, None]] = np.iinfo(np.uint64).max  # slots a row does not have
     choice = np.argsort(keys, axis=1, kind="stable")[:, :want]
     choice = np.where(np.arange(want)[None, :] < have[:, None], choice, -1)
@@ -130,8 +131,8 @@ def _pad_rows(slots: np.ndarray, size: int, seed: int, source: int, rows: np.nda
     a dense array of row ids, one per slot, so that one read serves the batch)."""
     if not (slots < 0).any():
         return np.zeros((0,), dtype=np.int64)
-    keys = _mix((rows.astype(np.uint64) << np.uint64(20)) ^ epochs.astype(np.uint64) ^ np.uint64(hash_key(seed, source, 0xAD)))
-    per_slot = _mix(keys[:, None] + np.arange(slots.shape[1], dtype=np.uint64)[None, :])
+    keys = mix64((rows.astype(np.uint64) << np.uint64(20)) ^ epochs.astype(np.uint64) ^ np.uint64(hash_key(seed, source, 0xAD)))
+    per_slot = mix64(keys[:, None] + np.arange(slots.shape[1], dtype=np.uint64)[None, :])
     return (per_slot % np.uint64(size)).astype(np.int64)
 
 

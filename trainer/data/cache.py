@@ -34,8 +34,10 @@ import pyarrow as pa
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from trainer.data.hashing import file_fingerprint as _content_fingerprint
+from trainer.data.hashing import text_hash
 from trainer.data.mapped import MappedCacheFile, Spans
-from trainer.data.records import Columns, text_hash
+from trainer.data.records import Columns
 from trainer.data.sources import file_kind, text_batches
 
 FORMAT_VERSION = 2  # 2: teacher scores
@@ -68,22 +70,8 @@ def default_cache_dir() -> Path:
 
 
 def file_fingerprint(path: str) -> dict:
-    """What identifies a file's content without reading all of it (a folder: each of its files)."""
-    p = Path(path)
-    if file_kind(path) == "hub":
-        return {"hub": path}
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    out = []
-    for f in files:
-        stat = f.stat()
-        digest = hashlib.blake2b(digest_size=16)
-        with open(f, "rb") as handle:
-            digest.update(handle.read(1 << 20))
-            if stat.st_size > 2 << 20:
-                handle.seek(-(1 << 20), os.SEEK_END)
-                digest.update(handle.read())
-        out.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns, digest.hexdigest()])
-    return {"files": out}
+    """A source's fingerprint: a hub dataset by its name, files by hashing.file_fingerprint."""
+    return {"hub": path} if file_kind(path) == "hub" else _content_fingerprint(path)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -375,33 +363,6 @@ class CachedRows:
         out = np.zeros(len(indices), dtype=np.float32)
         for file, where, rows in self._by_file(indices):
             out[where] = file.doc_scores(rows, slots[where])
-        return out
-
-    def rows(self, indices) -> dict[str, list]:
-        """Columns (as Python lists) of the rows `indices`, in that order (for tests and tools;
-        training batches use the spans above)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        out = {name: [None] * len(indices) for name in SCHEMA.names}
-        (query_parts, query_hash), counts = self.query_spans(indices), self.doc_counts(indices)
-        for where, spans in query_parts:
-            for j, start, length in zip(where.tolist(), spans.starts.tolist(), spans.lengths.tolist()):
-                out["query_ids"][j] = spans.view[start : start + length].tolist()
-        out["query_hash"] = query_hash.tolist()
-        row_of = np.repeat(np.arange(len(indices)), counts)
-        slots = np.arange(len(row_of)) - np.repeat(np.cumsum(counts) - counts, counts)
-        doc_parts, doc_hash = self.doc_spans(indices[row_of], slots)
-        docs = [None] * len(row_of)
-        for where, spans in doc_parts:
-            for j, start, length in zip(where.tolist(), spans.starts.tolist(), spans.lengths.tolist()):
-                docs[j] = spans.view[start : start + length].tolist()
-        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        out["doc_ids"] = [docs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        out["doc_hash"] = [doc_hash[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
-        has_scores = self.score_counts(indices) > 0
-        flat = np.zeros(len(row_of), np.float32)
-        scored_docs = np.flatnonzero(has_scores[row_of])
-        flat[scored_docs] = self.doc_scores(indices[row_of][scored_docs], slots[scored_docs])
-        out["scores"] = [flat[a:b].tolist() if has else [] for has, a, b in zip(has_scores, bounds[:-1], bounds[1:])]
         return out
 
     def score_counts(self, indices) -> np.ndarray:

@@ -8,6 +8,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from trainer.core import atomic
+
 ROWS_PER_PARQUET_BLOCK = 65536
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
@@ -26,31 +28,30 @@ def check_output(input_path: str, output: str, overwrite: bool) -> None:
 
 
 def write_rows(output: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows to output (by its suffix); returns how many."""
+    """Write rows to output (by its suffix), whole or not at all; returns how many."""
     output = Path(output)
-    tmp = output.with_name(output.name + ".tmp")
     written = 0
-    if output.name.endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with atomic.replacing(output) as tmp:
+        if output.name.endswith(".parquet"):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        writer, block = None, []
-        for row in rows:
-            block.append(row)
-            if len(block) == ROWS_PER_PARQUET_BLOCK:
-                writer = _parquet_block(pa, pq, writer, tmp, block)
-                written, block = written + len(block), []
-        if block or writer is None:
-            writer = _parquet_block(pa, pq, writer, tmp, block)
-            written += len(block)
-        writer.close()
-    else:
-        opener = gzip.open if output.name.endswith(".gz") else open
-        with opener(tmp, "wt", encoding="utf-8") as handle:
+            writer, block = None, []
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                written += 1
-    tmp.replace(output)
+                block.append(row)
+                if len(block) == ROWS_PER_PARQUET_BLOCK:
+                    writer = _parquet_block(pa, pq, writer, tmp, block)
+                    written, block = written + len(block), []
+            if block or writer is None:
+                writer = _parquet_block(pa, pq, writer, tmp, block)
+                written += len(block)
+            writer.close()
+        else:
+            opener = gzip.open if output.name.endswith(".gz") else open
+            with opener(tmp, "wt", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    written += 1
     return written
 
 

@@ -16,7 +16,12 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.core import distributed
 from trainer.data.batches import TrainingData
-from trainer.data.cache import CachedRows, TokenSettings, default_cache_dir, ensure_cached
+from trainer.data.cache import (
+    CachedRows,
+    TokenSettings,
+    default_cache_dir,
+    ensure_cached,
+)
 from trainer.data.records import Columns, DataError
 from trainer.data.sources import Source
 
@@ -33,7 +38,7 @@ def prepare(
     """Every source's files tokenised (built once, or found in the cache) and mapped."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     env = distributed.read_env()
-    say = print if distributed.is_main() else (lambda *_: None)
+    say = distributed.say
 
     def cache_all(progress: bool):
         return [[ensure_cached(p, columns, tokenizer, settings, cache_dir, progress, say) for p in s.paths] for s in sources]

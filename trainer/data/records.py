@@ -8,7 +8,6 @@ what explains a problem once one is found, and what reads small files such as an
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,11 +32,6 @@ class Columns:
 
 
 FLAG_SCORES = ("pos_scores", "neg_scores")  # FlagEmbedding's teacher-score columns
-
-
-def text_hash(text: str) -> int:
-    """A stable signed 64-bit hash of a text (duplicate masking compares these across ranks)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainer.data.hashing import GOLDEN, mix64
+
 _SCHEDULE_BLOCK = 4096  # steps whose source draws come from one generator
 
 
@@ -38,19 +40,11 @@ def source_weights(sizes: Sequence[int], user_weights: Sequence[float], sampling
 # ------------------------------------------------------------------ a permutation with no table
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a strong 64-bit mixing of each element (uint64, wrapping)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 def hash_key(*parts: int) -> int:
     """One 64-bit key from several integers (seed, source, epoch...)."""
-    key = np.uint64(0x9E3779B97F4A7C15)
+    key = np.uint64(GOLDEN)
     for part in parts:
-        key = _mix(np.array([key ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF)], dtype=np.uint64))[0]
+        key = mix64(np.array([key ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF)], dtype=np.uint64))[0]
     return int(key)
 
 
@@ -68,7 +62,7 @@ def permute(index: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
         y = x[todo]
         for round_key in round_keys:
             left, right = y >> half, y & mask
-            y = (right << half) | (left ^ (_mix(right ^ round_key) & mask))
+            y = (right << half) | (left ^ (mix64(right ^ round_key) & mask))
         x[todo] = y
         todo[todo] = y >= np.uint64(n)
     return x.astype(np.int64)
@@ -137,10 +131,10 @@ class GlobalBatches:
     def local_batch_size(self) -> int:
         return self.batch_size // self.world_size
 
-    def rows(self, step: int) -> list[int]:
-        """This rank's row indices for global step `step` (0-based), numbered across all sources."""
-        part = self.batch_rows(step)
-        return (self.offsets[part.source] + part.row).tolist()
+    def global_rows(self, step: int) -> BatchRows:
+        """Every rank's rows of global step `step`, rank 0's share first (each rank's is the
+        next local_batch_size rows)."""
+        return BatchRows(*self._global_rows(step))
 
     def batch_rows(self, step: int) -> BatchRows:
         """This rank's rows for global step `step` (0-based, counting across epochs)."""

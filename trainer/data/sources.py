@@ -18,7 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trainer.data.records import FLAG_SCORES, Columns, DataError, first_bad_jsonl_row, jsonl_records, row_scores
+from trainer.data.records import (
+    FLAG_SCORES,
+    Columns,
+    DataError,
+    first_bad_jsonl_row,
+    jsonl_records,
+    row_scores,
+)
 
 JSONL_BLOCK_BYTES = 8 << 20  # ~20K Debian rows: enough to keep the tokenizer's threads busy
 ROWS_PER_BATCH = 16384

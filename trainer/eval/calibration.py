@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.core import atomic
+
 METHODS = ("platt", "isotonic")
 CALIBRATION_FILE = "calibration.json"
 
@@ -55,10 +57,7 @@ class Calibration:
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CALIBRATION_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def load_calibration(path: str | Path) -> Calibration:

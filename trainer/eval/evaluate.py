@@ -4,7 +4,7 @@ over the queries that have relevance judgements.
 Every rank embeds its share of the queries and of the corpus and searches its share chunk by
 chunk (search.py), so memory per rank is bounded and no rank idles while another works: the
 ranks' top-10 lists are merged and the figures are those of a single-process exact search.
-`python -m trainer.evaluate model=PATH data=BEIR_DIR` (trainer/evaluate.py) runs it on its own.
+`python -m trainer.evaluate model=PATH data=BEIR_DIR` (trainer/tools/evaluate.py) runs it on its own.
 """
 
 from __future__ import annotations
@@ -17,9 +17,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.data import DataError
 from trainer.eval.beir import BeirSet
-from trainer.eval.calibration import Calibration, brier_score, expected_calibration_error
-from trainer.retrieval.search import embed_everywhere, embed_shard, merge_ranks, plan_batches, score_candidates, topk_search
+from trainer.eval.calibration import (
+    Calibration,
+    brier_score,
+    expected_calibration_error,
+)
+from trainer.retrieval.search import (
+    embed_everywhere,
+    embed_shard,
+    merge_ranks,
+    plan_batches,
+    score_candidates,
+    topk_search,
+)
 
 
 def ranking_metrics(top: list[list[int]], data: BeirSet, k: int = 10) -> dict[str, float]:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from trainer.core import distributed
-from trainer.retrieval.bm25_matrix import score_matrix
 from trainer.core.memory import release_freed_memory
+from trainer.retrieval.bm25_matrix import score_matrix
 from trainer.retrieval.search import merge_ranks
 
 SLACK = 16  # extra candidates fetched per shard, so that ties at the cut rarely need a second look
@@ -236,11 +236,3 @@ def ranked_lists(index: ShardIndex, queries: Sequence[str], k: int) -> np.ndarra
     query): every rank searches its shard, and the shards' lists are merged exactly (a collective)."""
     scores, ids = index.search(tokenize(queries), k)
     return merge_ranks(torch.from_numpy(scores), torch.from_numpy(ids))[1].numpy()
-
-
-def bm25_lists(queries: Sequence[str], pool: Sequence[str], k: int, backend: str = "auto",
-               query_block: int = 8192) -> np.ndarray:
-    """ranked_lists for every query, a block of queries at a time, over shard_index(pool)."""
-    index = shard_index(pool, backend, len(queries))
-    out = [ranked_lists(index, queries[q0 : q0 + query_block], k) for q0 in range(0, len(queries), query_block)]
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)

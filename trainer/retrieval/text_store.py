@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from trainer.core.atomic import replacing
+
 SCHEMA = pa.schema([("text", pa.string())])
 READS_PER_MAP = 2048  # texts read under one memory map (each may touch a page of its own: ~8 MB)
 
@@ -22,14 +24,12 @@ READS_PER_MAP = 2048  # texts read under one memory map (each may touch a page o
 def write_texts(path: str | Path, batches: Iterable[list[str]]) -> int:
     """Write the texts, batch by batch, into a temporary file renamed when complete; returns how many."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+    with replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
         for texts in batches:
             if texts:
                 writer.write_batch(pa.record_batch([pa.array(texts, pa.string())], schema=SCHEMA))
                 count += len(texts)
-    tmp.replace(path)
     return count
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-METRICS = ("ndcg@10", "recall@10", "mrr@10")
+from trainer.run.files import EVAL_METRICS as METRICS
 
 
 @dataclass

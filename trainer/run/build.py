@@ -1,7 +1,7 @@
 """A training run's parts, built once before step 1: inputs, model, sizes, backend, loss, step.
 
 `build_run` checks everything that can fail on bad input (data files, eval set, batch size,
-sizes) before the run writes anything. The `Run` it returns is what the loop (train.py) works
+sizes) before the run writes anything. The `Run` it returns is what the loop (loop.py) works
 with; its methods are the run's recurring chores: evaluate, export, checkpoint.
 """
 
@@ -19,36 +19,40 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from trainer import checkpoint
 from trainer.core import autochunk, distributed
-from trainer.backends import TrainingBackend, create_backend
-from trainer.data import (
-    Columns, DataError, GlobalBatches, TokenSettings, TrainingData, parse_sources, prepare, require_scores,
-    resolve_num_negatives, source_weights,
-)
-from trainer.config import resolve_eval_data
-from trainer.deepspeed_config import build_config, resolve_backend
-from trainer.early_stopping import EarlyStopping
-from trainer.eval.beir import BeirSet, load_beir
-from trainer.eval.evaluate import evaluate
+from trainer.core.distributed import say
+from trainer.core.embedders import text_embedder
 from trainer.core.flops import ModelFlops, device_peak_tflops
 from trainer.core.gradcache import GradCache
 from trainer.core.losses import ContrastiveLoss
-from trainer.metrics import RunLogger
-from trainer.core.model import (
-    AUTOCAST_DTYPES, Encoder, base_max_length, load_tokenizer, prompt_prefixes, resolve_device, text_embedder,
+from trainer.core.model import AUTOCAST_DTYPES, Encoder, resolve_device
+from trainer.core.tokenizer import base_max_length, load_tokenizer, prompt_prefixes
+from trainer.data import (
+    Columns,
+    DataError,
+    GlobalBatches,
+    TokenSettings,
+    TrainingData,
+    parse_sources,
+    prepare,
+    require_scores,
+    resolve_num_negatives,
+    source_weights,
 )
-from trainer.model_card import write_model_card
-from trainer.plot import BackgroundPlot
-from trainer.run_card import card_facts
-from trainer.run_files import BEST_FILE
+from trainer.eval.beir import BeirSet, load_beir
+from trainer.eval.evaluate import evaluate
+from trainer.run import checkpoint
+from trainer.run.backends import TrainingBackend, create_backend
+from trainer.run.card_facts import card_facts
+from trainer.run.config import resolve_eval_data
+from trainer.run.curves import BackgroundPlot
+from trainer.run.deepspeed_config import build_config, resolve_backend
+from trainer.run.early_stopping import EarlyStopping
+from trainer.run.files import BEST_FILE
+from trainer.run.logger import RunLogger
+from trainer.run.model_card import write_model_card
 
 BEST_MODEL = "best-model"  # with early stopping: the best evaluation's model so far
-
-
-def say(*args) -> None:
-    if distributed.is_main():
-        print(*args, flush=True)
 
 
 @dataclass
@@ -86,6 +90,9 @@ class Run:
     export_max_length: int
     backend_description: str
     model_flops: ModelFlops | None = None
+    probed_chunk_rows: int | None = None
+    """With auto chunk sizes: the rows of max-length texts this rank's probe found room for (the
+    run takes the smallest over ranks)."""
     peak_tflops: float | None = None
     logger: RunLogger | None = None
     curves: BackgroundPlot | None = None
@@ -199,7 +206,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     )
 
     torch.manual_seed(cfg.trainer.seed)
-    encoder = _encoder(cfg, device)
+    encoder = build_encoder(cfg, device)
     # Sizes are probed on the bare encoder, before DDP's or DeepSpeed's hooks exist.
     local_rows = cfg.data.batch_size // env.world_size
     sizes = _AutoSizes(cfg, encoder, device, autocast_dtype, local_rows, inputs.num_negatives)
@@ -222,7 +229,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     return Run(cfg, env, Path(run_dir), device, autocast_dtype, tokenizer, query_prefix, doc_prefix, inputs, encoder,
                backend, loss_fn, step, eval_batch_size, early_stopping,
                export_length(cfg.model, tokenizer), backend_description,
-               model_flops=ModelFlops(encoder), peak_tflops=device_peak_tflops(device, cfg.trainer.peak_tflops))
+               model_flops=ModelFlops(encoder), probed_chunk_rows=sizes.probed_rows,
+               peak_tflops=device_peak_tflops(device, cfg.trainer.peak_tflops))
 
 
 def _keep_graphs(value) -> bool | str:
@@ -267,7 +275,9 @@ def _inputs(cfg, env, tokenizer, settings: TokenSettings) -> Inputs:
     return Inputs(sources, data, batches, num_negatives, total_steps, eval_set, same_source, weights)
 
 
-def _encoder(cfg, device: torch.device) -> Encoder:
+def build_encoder(cfg, device: torch.device) -> Encoder:
+    """The run's encoder from model.* (pooling, dropout, packing, LoRA, gradient checkpointing), in
+    train mode on device; the caller seeds torch first (LoRA's initial weights)."""
     hf_kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     packing = {"auto": "auto", "on": True, "off": False}[cfg.model.packing.value]
     encoder = Encoder.from_pretrained(
@@ -319,10 +329,12 @@ class _AutoSizes:
         self.doc_rows = local_rows * (1 + num_negatives)  # the longest side: one chunk never needs more
         self.reserve = autochunk.training_reserve(encoder, local_rows + self.doc_rows)
         self.used_for_chunks = False
+        self.probed_rows: int | None = None
 
     def chunks(self, chunk_size, chunk_tokens) -> tuple[int | None, int | None]:
         probe = autochunk.probe_chunk_tokens(self.encoder, self.device, self.max_length, self.doc_rows,
                                              self.autocast_dtype, reserve_bytes=self.reserve)
+        self.probed_rows = probe.rows
         rows = distributed.min_over_ranks(probe.rows)
         self.used_for_chunks = True
         tokens = rows * self.max_length

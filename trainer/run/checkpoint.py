@@ -16,18 +16,17 @@ written and verified, so the last verified checkpoint is never deleted.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from trainer import manifest, safe_load
 from trainer.core import distributed
+from trainer.core.rng import RngState
+from trainer.run import manifest, safe_load
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -86,30 +85,6 @@ def latest(run_dir: Path, say: Callable[[str], None] = print) -> Path | None:
     return None
 
 
-def rng_state() -> dict:
-    """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, python_state, gauss_next = random.getstate()
-    state = {
-        "python": [version, list(python_state), gauss_next],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, python_state, gauss_next = state["python"]
-    random.setstate((version, tuple(python_state), gauss_next))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save(run_dir: Path, state: TrainerState, save_state: Callable[[Path], None], keep: int) -> Path:
     """Write checkpoints/step-<state.step>, verified, atomically (collective: every rank must call
     it). save_state(folder) writes the backend's part; every rank calls it. If any rank fails to
@@ -124,7 +99,7 @@ def save(run_dir: Path, state: TrainerState, save_state: Callable[[Path], None],
     distributed.barrier()
     error = None
     try:
-        torch.save(rng_state(), tmp / f"rng-rank{distributed.rank()}.pt")
+        torch.save(RngState(every_generator=True).to_dict(), tmp / f"rng-rank{distributed.rank()}.pt")
         save_state(tmp)
         if distributed.is_main():
             (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__))
@@ -169,5 +144,5 @@ def load(path: Path, load_state: Callable[[Path], None]) -> TrainerState:
     load_state(path)
     rng_file = path / f"rng-rank{distributed.rank()}.pt"
     if rng_file.exists():
-        set_rng_state(safe_load.load(rng_file))
+        RngState.from_dict(safe_load.load(rng_file)).restore()
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))

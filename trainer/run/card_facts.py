@@ -6,14 +6,29 @@ from __future__ import annotations
 import shlex
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from trainer.config import resolve_eval_data
-from trainer.model_card import CardFacts
-from trainer.run_files import EVAL_FILE, read_overrides, read_records
+from trainer.run.config import resolve_eval_data
+from trainer.run.files import EVAL_FILE, read_overrides, read_records
+from trainer.run.model_card import CardFacts
 
-if TYPE_CHECKING:
-    from trainer.run import Run
+
+class Run(Protocol):
+    """What the card reads of a run (trainer.run.build.Run), named here so that this module, which
+    the run calls, never imports the run's module back."""
+
+    cfg: Any
+    env: Any
+    run_dir: Path
+    inputs: Any
+    encoder: Any
+    export_max_length: int
+    query_prefix: str
+    doc_prefix: str
+    backend_description: str
+
+    @property
+    def total_steps(self) -> int: ...
 
 
 def framework_version() -> str:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 METRICS_FILE, EVAL_FILE, BEST_FILE = "metrics.jsonl", "eval.jsonl", "best.json"
+EVAL_METRICS = ("ndcg@10", "recall@10", "mrr@10")  # what each eval.jsonl record holds
 
 
 def read_records(path: Path) -> list[dict]:

@@ -82,6 +82,26 @@ def build_config(
     where = _Locator(config_file, text)
 
     zero = dict(user.get("zero_optimization") or {})
+    stage, offload, file_device = _zero_settings(zero, where, zero_stage, offload_optimizer, environ)
+    owned = _owned_keys(user, where, micro_batch_size, world_size, max_grad_norm)
+
+    if offload and file_device is None:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if not offload:
+        zero.pop("offload_optimizer", None)
+    zero["stage"] = stage
+    merged = {k: v for k, v in user.items() if k not in ("fp16", "bf16")}
+    merged.update(owned)
+    merged["zero_optimization"] = zero
+    # Our AdamW is a plain torch optimizer; DeepSpeed asks for this to accept one under ZeRO.
+    merged.setdefault("zero_allow_untested_optimizer", True)
+    merged.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs progress itself
+    return merged
+
+def _zero_settings(zero: dict, where, zero_stage: int | None, offload_optimizer: bool | None,
+                   environ: Mapping[str, str]) -> tuple[int, bool, str | None]:
+    """(ZeRO stage, optimizer offload, the file's offload device) agreed between the Hydra keys,
+    the user's file and accelerate's environment (a conflict is an error naming both)."""
     stage = _agree(
         "zero stage",
         [
@@ -104,7 +124,12 @@ def build_config(
         ],
         default=False,
     )
+    return stage, offload, file_device
 
+
+def _owned_keys(user: dict, where, micro_batch_size: int, world_size: int, max_grad_norm: float) -> dict:
+    """The keys the trainer sets itself (a user's file may say "auto" or the same value), after
+    refusing the sections the trainer builds (optimizer, schedule, mixed precision)."""
     owned = {
         "train_batch_size": micro_batch_size * world_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -132,19 +157,8 @@ def build_config(
             raise DeepSpeedConfigError(
                 f"{where(key)}: {key}.enabled must be false or \"auto\"; set trainer.precision instead (autocast over fp32 weights)"
             )
+    return owned
 
-    if offload and file_device is None:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if not offload:
-        zero.pop("offload_optimizer", None)
-    zero["stage"] = stage
-    merged = {k: v for k, v in user.items() if k not in ("fp16", "bf16")}
-    merged.update(owned)
-    merged["zero_optimization"] = zero
-    # Our AdamW is a plain torch optimizer; DeepSpeed asks for this to accept one under ZeRO.
-    merged.setdefault("zero_allow_untested_optimizer", True)
-    merged.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs progress itself
-    return merged
 
 
 def offloads_optimizer(config: Mapping[str, Any]) -> bool:

@@ -1,5 +1,5 @@
 """How the trainer's model is wrapped, stepped, checkpointed and exported: plain DDP here,
-DeepSpeed ZeRO in deepspeed_backend.py. The loop in train.py talks only to this interface, so both
+DeepSpeed ZeRO in deepspeed_backend.py. The loop in loop.py talks only to this interface, so both
 run the same data order, GradCache step, schedule and metrics.
 """
 
@@ -14,10 +14,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedTokenizerBase
 
-from trainer import safe_load
 from trainer.core import distributed
-from trainer.core.model import Encoder, save_sentence_transformer
-from trainer.optimizer import StepResult, make_scheduler, trainable_parameters
+from trainer.core.export import save_sentence_transformer
+from trainer.core.model import Encoder
+from trainer.run import safe_load
+from trainer.run.optimizer import StepResult, make_scheduler, trainable_parameters
 
 __all__ = ["DDPBackend", "StepResult", "TrainingBackend", "create_backend"]
 
@@ -52,7 +53,9 @@ class TrainingBackend(Protocol):
 def create_backend(name: str, encoder: Encoder, device: torch.device, cfg, total_steps: int, **deepspeed_kwargs) -> TrainingBackend:
     """name 'ddp' or 'deepspeed'; cfg is the run config (trainer.* and deepspeed.* are read)."""
     if name == "deepspeed":
-        from trainer.deepspeed_backend import DeepSpeedBackend  # DeepSpeed is an optional dependency
+        from trainer.run.deepspeed_backend import (
+            DeepSpeedBackend,  # DeepSpeed is an optional dependency
+        )
 
         return DeepSpeedBackend(encoder, device, cfg, total_steps, **deepspeed_kwargs)
     return DDPBackend(encoder, device, cfg, total_steps)

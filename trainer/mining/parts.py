@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from trainer.core import atomic
 
 MANIFEST = "manifest.json"
 
@@ -25,15 +26,6 @@ MANIFEST = "manifest.json"
 def parts_folder(output: str | Path) -> Path:
     output = Path(output)
     return output.with_name(output.name + ".parts")
-
-
-def file_fingerprint(path: str | Path) -> list:
-    """What tells a file's version apart without reading it: path, size and modification time."""
-    p = Path(path)
-    if not p.exists():
-        return [str(path)]
-    stat = p.stat()
-    return [str(p.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 _held_locks: dict[Path, object] = {}
@@ -61,15 +53,6 @@ def release_lock(folder: Path) -> None:
     if handle is not None:
         Path(handle.name).unlink(missing_ok=True)
         handle.close()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 class Parts:
@@ -111,14 +94,14 @@ class Parts:
 
     def save_manifest(self) -> None:
         manifest = {"fingerprint": self.fingerprint, "done": {str(k): v for k, v in sorted(self.done.items())}}
-        _write_atomically(self.folder / MANIFEST, json.dumps(manifest, indent=1))
+        atomic.write_text(self.folder / MANIFEST, json.dumps(manifest, indent=1))
 
     def part_path(self, block: int) -> Path:
         return self.folder / f"part-{block:06d}.jsonl"
 
     def write_block(self, block: int, lines: list[str], stats: dict) -> None:
         """The block's output lines, then the manifest that counts it done."""
-        _write_atomically(self.part_path(block), "".join(lines))
+        atomic.write_text(self.part_path(block), "".join(lines))
         self.done[block] = stats
         self.save_manifest()
 
@@ -135,15 +118,14 @@ class Parts:
         output = Path(output)
         if output.name.endswith(".parquet"):
             return write_rows(output, (json.loads(line) for line in self.lines(blocks)))
-        tmp, written = output.with_name(output.name + ".tmp"), 0
-        with open(tmp, "wb") as raw:
+        written = 0
+        with atomic.replacing(output) as tmp, open(tmp, "wb") as raw:
             # gzip without a timestamp or a file name in its header: the same rows, the same bytes.
             handle = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if output.name.endswith(".gz") else raw
             for line in self.lines(blocks):
                 handle.write(line)
                 written += 1
             handle.close()
-        tmp.replace(output)
         return written
 
     def remove(self) -> None:

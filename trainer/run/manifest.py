@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from trainer.core import distributed
+from trainer.core import atomic, distributed
 
 MANIFEST = "manifest.json"
 _FORMAT = 1
@@ -50,12 +50,7 @@ def write(folder: Path) -> None:
     hashes = _shared_hashes(folder, names, durable=True)
     if distributed.is_main():
         files = {name: {"size": (folder / name).stat().st_size, "sha256": hashes[name]} for name in names}
-        tmp = folder / (MANIFEST + ".tmp")
-        with tmp.open("w") as f:
-            json.dump({"format": _FORMAT, "files": files}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(folder / MANIFEST)
+        atomic.write_text(folder / MANIFEST, json.dumps({"format": _FORMAT, "files": files}, indent=1), durable=True)
     distributed.barrier()
 
 

@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from trainer import safe_load
 from trainer.core import distributed
-from trainer.optimizer import StepResult, make_scheduler, trainable_parameters
-from trainer.deepspeed_config import offloads_optimizer
-from trainer.core.model import Encoder, save_sentence_transformer
+from trainer.core.export import save_sentence_transformer
+from trainer.core.model import Encoder
+from trainer.run import safe_load
+from trainer.run.deepspeed_config import offloads_optimizer
+from trainer.run.optimizer import StepResult, make_scheduler, trainable_parameters
 
 CHECKPOINT_TAG = "deepspeed"
 """The folder inside checkpoints/step-N that holds DeepSpeed's files."""
@@ -43,7 +44,9 @@ class DeepSpeedBackend:
             )
         _ensure_process_group(device)
         if offloads_optimizer(config):
-            from deepspeed.ops.adam import DeepSpeedCPUAdam  # steps the CPU-held state in place
+            from deepspeed.ops.adam import (
+                DeepSpeedCPUAdam,  # steps the CPU-held state in place
+            )
 
             optimizer = DeepSpeedCPUAdam(
                 trainable_parameters(encoder), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, adamw_mode=True

@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer.core import distributed
-from trainer.core.model import AUTOCAST_DTYPES, Encoder, check_remote_code, load_tokenizer, resolve_model_path, text_embedder
+from trainer.core.embedders import load_embedders
+from trainer.core.model import (
+    AUTOCAST_DTYPES,
+    check_remote_code,
+    resolve_device,
+    resolve_model_path,
+)
 from trainer.retrieval.search import gather_rows, plan_by_length
 
 KINDS = ("auto", "cross_encoder", "bi_encoder")
@@ -90,14 +96,13 @@ def _cross_encoder(path, device, dtype, max_length, query_prefix, doc_prefix, tr
 
 
 def _bi_encoder(path, device, dtype, max_length, query_prefix, doc_prefix, trust_remote_code):
-    encoder = Encoder.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, pooling=encoder.pooling)
-    embed_queries = text_embedder(encoder, tokenizer, query_prefix, max_length, device, dtype)
-    embed_docs = text_embedder(encoder, tokenizer, doc_prefix, max_length, device, dtype)
+    precision = next(name for name, value in AUTOCAST_DTYPES.items() if value == dtype)
+    model = load_embedders(path, device, precision, None, trust_remote_code, (query_prefix, doc_prefix),
+                           (max_length, max_length), split_batches=False)
 
     @torch.no_grad()
     def score(queries: list[str], docs: list[str]) -> torch.Tensor:
-        return F.cosine_similarity(embed_queries(queries).float(), embed_docs(docs).float(), dim=-1).cpu()
+        return F.cosine_similarity(model.embed_queries(queries).float(), model.embed_docs(docs).float(), dim=-1).cpu()
 
     return score
 
@@ -124,3 +129,15 @@ def score_pairs(teacher: Teacher, queries: Sequence[str], docs: Sequence[str], b
             bar.update(len(index) * distributed.world_size())  # the other ranks move alike
     scores = gather_rows(local, plan, len(queries))[:, 0].cpu().numpy()
     return scores, len(queries) / max(time.perf_counter() - started, 1e-9)
+
+
+def load_teacher(cfg, device=None) -> Teacher:
+    """The teacher a tool's teacher* keys name (TeacherKeys: `score`, `mine`), on device (None = this
+    rank's, as cfg.device says)."""
+    if not cfg.teacher:
+        raise ValueError("teacher is missing: give teacher=PATH (a cross-encoder or an embedder folder)")
+    device = device or resolve_device(cfg.device, distributed.read_env().local_rank)
+    return Teacher.load(
+        cfg.teacher, cfg.teacher_kind.value, device, cfg.teacher_precision.value if cfg.teacher_precision else None,
+        cfg.teacher_max_length, cfg.teacher_query_prefix, cfg.teacher_doc_prefix, cfg.teacher_trust_remote_code,
+    )

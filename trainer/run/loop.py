@@ -1,4 +1,4 @@
-"""The training run, in named phases: build (run.py: data, model, sizes, backend, step, all
+"""The training run, in named phases: build (build.py: data, model, sizes, backend, step, all
 checked before anything is written), resume (the newest verified checkpoint, if any), the loop
 (batches made ahead -> GradCache step -> optimizer -> metrics, evaluations, checkpoints, stop
 requests), and finish (the final sentence-transformers model, its evaluation, the summary).
@@ -14,17 +14,18 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from trainer import checkpoint
 from trainer.core import distributed
 from trainer.core.autochunk import AdaptiveStep
+from trainer.core.distributed import say
+from trainer.core.gradcache import StepOutput
+from trainer.core.health import alignment, embedding_std, uniformity
+from trainer.core.losses import PRESETS, ContrastiveLoss
 from trainer.data import GlobalBatches, StepBatches
 from trainer.data.loader import Prefetcher
-from trainer.core.gradcache import StepOutput
-from trainer.core.losses import PRESETS, ContrastiveLoss
-from trainer.core.health import alignment, embedding_std, uniformity
-from trainer.preemption import StopRequest
-from trainer.run import BEST_MODEL, Run, build_run, say
-from trainer.run_files import EVAL_FILE, read_records
+from trainer.run import checkpoint
+from trainer.run.build import BEST_MODEL, Run, build_run
+from trainer.run.files import EVAL_FILE, read_records
+from trainer.run.preemption import StopRequest
 
 
 def train(cfg: DictConfig, run_dir: Path, wandb_group: str | None = None) -> dict | None:

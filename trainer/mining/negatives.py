@@ -1,9 +1,11 @@
 """Hard-negative choice, pure numpy: exclusions, reciprocal rank fusion and the false-negative
-filter over ranked candidate lists (rows of pool ids, -1 = none). Used by trainer/mine.py."""
+filter over ranked candidate lists (rows of pool ids, -1 = none). Used by trainer/mining/blocks.py."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from trainer.data.hashing import GOLDEN, mix64
 
 
 def drop_excluded(lists: np.ndarray, query_ids: np.ndarray, excluded: np.ndarray, pool_size: int, keep: int) -> np.ndarray:
@@ -86,9 +88,6 @@ def draw_keys(seed: int, rows: np.ndarray, candidates: np.ndarray) -> np.ndarray
     else, so blocks, ranks and a resumed run all draw the same negatives."""
     mask = (1 << 64) - 1
     with np.errstate(over="ignore"):
-        x = np.uint64((seed * 0x9E3779B97F4A7C15) & mask) ^ (np.asarray(rows, np.int64).astype(np.uint64)[:, None] * np.uint64(0xD1B54A32D192ED03))
-        x = x ^ (np.asarray(candidates, np.int64).astype(np.uint64) * np.uint64(0x8CB92BA72F3D8DD7))
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
+        x = np.uint64((seed * GOLDEN) & mask) ^ (np.asarray(rows, np.int64).astype(np.uint64)[:, None] * np.uint64(0xD1B54A32D192ED03))
+        x = mix64(x ^ (np.asarray(candidates, np.int64).astype(np.uint64) * np.uint64(0x8CB92BA72F3D8DD7)))
     return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53

@@ -16,7 +16,6 @@ a batch at a time, through the same Arrow path training uses.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data import Columns, DataError
+from trainer.data.hashing import text_hashes
 from trainer.data.records import jsonl_records
 from trainer.data.sources import text_batches
 from trainer.eval.beir import corpus_text
@@ -34,11 +34,6 @@ from trainer.retrieval.text_store import TextStore, write_texts
 
 CORPUS_BATCH = 65536
 DONE_FILE = "pool.json"
-
-
-def text_hashes(texts: list[str]) -> np.ndarray:
-    return np.fromiter((int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in texts),
-                       dtype=np.uint64, count=len(texts))
 
 
 def corpus_batches(spec) -> Iterator[list[str]]:

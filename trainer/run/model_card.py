@@ -2,14 +2,13 @@
 and the Hugging Face hub read (library_name, pipeline_tag, base_model, tags, datasets,
 model-index), then how to use the model, how it was trained, how it scored and how to reproduce it.
 
-The card states facts it is given (CardFacts): the run (run.py) gathers them, so this module
+The card states facts it is given (CardFacts): the run (card_facts.py) gathers them, so this module
 needs neither torch nor the run. The calibration section is rewritten on its own by
 `python -m trainer.calibrate` once the model has a calibration.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,14 +167,6 @@ def write_model_card(folder: Path, facts: CardFacts, calibration: dict | None = 
     path = Path(folder) / CARD_FILE
     path.write_text(render_card(facts, calibration))
     return path
-
-
-def read_metadata(path: Path) -> dict:
-    """A card's YAML metadata (the block between the first two '---' lines)."""
-    match = re.match(r"---\n(.*?)\n---\n", Path(path).read_text(), re.S)
-    if match is None:
-        raise ValueError(f"{path}: no YAML metadata block at the top")
-    return yaml.safe_load(match.group(1))
 
 
 def replace_calibration_section(folder: Path, calibration: dict) -> bool:

@@ -10,8 +10,8 @@ import signal
 import uuid
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from trainer.core import atomic
+from trainer.run.files import read_records
 
 
 @contextlib.contextmanager
@@ -25,13 +25,12 @@ def _ignoring(*signals: signal.Signals):
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines up to last_step: a resumed run rewrites what came after its checkpoint."""
+    """Keep the records up to last_step: a resumed run rewrites what came after its checkpoint (a
+    torn last line, from a run killed mid-write, goes too: read_records leaves it out)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    kept = [record for record in read_records(path) if record["step"] <= last_step]
+    atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 class RunLogger:
