@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -65,6 +66,7 @@ GPU = {
     "real_text": dict(shape="minilm", runs=REAL_TEXT_METHODS, chunk=512, steps=2),
     "compile": dict(shape="minilm", batch=8192, chunk=512, steps=2, methods=["ours", "ours-compiled"]),
     "recipe": dict(batch=4096, epochs=6, negatives=1),
+    "check": dict(batch=4096, overrides=["trainer.precision=bf16", "grad_cache.chunk_tokens=auto"]),
     "input": dict(batch=8192, steps=10),
     "auto": dict(shape="minilm", batch=16384, budgets=[8192, 16384, 32768, 65536, 131072], steps=2),
     "cached_step": dict(runs=[("bert-base", [4096])], methods=["floor", "ours", "ours-fixed", "st-tokens"], chunk=512, steps=2),
@@ -77,6 +79,7 @@ SMOKE = {
     # Compiling takes minutes on a CPU: the smoke runs the section's uncompiled row only.
     "compile": dict(shape="small", batch=32, chunk=16, steps=1, methods=["ours"]),
     "recipe": dict(batch=16, epochs=1, negatives=1, max_steps=2),
+    "check": dict(batch=8, overrides=[]),
     "input": dict(batch=256, steps=2),
     "auto": dict(shape="small", batch=64, budgets=[1024, 4096], steps=1),
     "cached_step": dict(runs=[("tiny", [64])], methods=["floor", "ours", "ours-fixed", "st-tokens"], chunk=32, steps=1),
@@ -86,8 +89,8 @@ SMOKE = {
 # Seconds each section needs on one H200 (input, auto, loss and decoder as measured there on
 # 2026-11-28; tests, real_text, cached_step, compile and recipe estimated from that run's rows, not
 # yet measured in their present form; the budget check uses them).
-ESTIMATES = {"tests": 90, "real_text": 240, "cached_step": 60, "compile": 90, "recipe": 200, "input": 20, "auto": 125,
-             "loss": 70, "decoder": 150}
+ESTIMATES = {"tests": 90, "check": 120, "real_text": 240, "cached_step": 60, "compile": 90, "recipe": 200, "input": 20,
+             "auto": 125, "loss": 70, "decoder": 150}
 
 
 def fresh_gpu() -> None:
@@ -201,6 +204,39 @@ class Suite:
                              s["negatives"], self.device, max_steps=s.get("max_steps"), fp32=fp32)
         print(json.dumps(row), flush=True)
         return [row]
+
+    def check(self) -> list[dict]:
+        """`python -m trainer.check` as a user runs it: MiniLM at B 4K in bf16 with the auto chunk
+        budget, on this GPU (the smoke: a tiny random model on synthetic pairs)."""
+        s = self.settings["check"]
+        model, train, dev = self.model, self.train, self.dev
+        if self.smoke:
+            from tests.tiny import synthetic_pairs, write_beir, write_jsonl, write_tiny_model
+
+            root = self.out / "check-inputs"
+            model = write_tiny_model(root / "model", dropout=0.1)
+            train = write_jsonl(root / "train.jsonl", synthetic_pairs(48, seed=1, negatives=1))
+            dev = write_beir(root / "dev", synthetic_pairs(20, seed=2))
+        if not (model and dev and train):
+            raise ValueError("the check needs --inputs (or --model, --dev and --train): see bench/gpu_inputs.py")
+        out = self.out / "check.json"
+        command = [sys.executable, "-m", "trainer.check", f"model.name_or_path={model}", f"data.train={train}",
+                   f"eval.data={dev}", f"data.batch_size={s['batch']}", f"trainer.device={self.device}",
+                   "wandb.mode=disabled", *s["overrides"], f"check.output={out}"]
+        env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=self.out, env=env)
+        seconds = time.perf_counter() - start
+        print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
+        if not out.exists():
+            raise RuntimeError(f"trainer.check exited {proc.returncode} without a report: {proc.stderr[-500:]}")
+        report = json.loads(out.read_text())
+        e, cost = report["exactness"], report["cost"]
+        mfu = [r["mfu"] for r in cost["ranks"] if r["mfu"] is not None]
+        return [{"batch": s["batch"], "seconds": seconds, "exit_code": proc.returncode, "ok": report["ok"],
+                 "difference": max(e["difference_re-embedded"], e["difference_kept"]), "tolerance": e["tolerance"],
+                 "pairs_per_s": cost["pairs_per_s"], "mfu": min(mfu) if mfu else None,
+                 "failures": "; ".join(report["failures"])}]
 
     def input(self) -> list[dict]:
         s = self.settings["input"]
@@ -336,6 +372,9 @@ def markdown(report: dict) -> str:
         "decoder": (None, [("variant", "variant", ""), ("B", "batch", ""), ("trainable", "trainable", ","),
                     ("s/step", "seconds", ".2f"), ("peak GiB", "peak_gib", ".1f")]),
         "tests": (None, [("exit code", "exit_code", ""), ("summary", "summary", "")]),
+        "check": (None, [("B", "batch", ""), ("s", "seconds", ".0f"), ("exit", "exit_code", ""), ("ok", "ok", ""),
+                  ("grad diff", "difference", ".2e"), ("tolerance", "tolerance", ".1e"), ("pairs/s", "pairs_per_s", ",.0f"),
+                  ("MFU", "mfu", ".1%"), ("failures", "failures", "")]),
     }
     for name, section in sections.items():
         lines += [f"## {name}", ""]
@@ -354,7 +393,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: the same code paths in under a minute")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting sections after this many seconds")
     parser.add_argument("--sections", nargs="+", default=None, choices=list(ESTIMATES),
-                        help="default: tests real_text cached_step compile on a GPU (about 8 minutes); every section with --smoke")
+                        help="default: tests check real_text cached_step compile on a GPU (about 10 minutes); every section with --smoke")
     parser.add_argument("--inputs", type=Path, help="a folder made by bench/gpu_inputs.py: sets --train, --tokenizer, --model, --dev")
     parser.add_argument("--model", help="the recipe's model folder (all-MiniLM-L6-v2)")
     parser.add_argument("--dev", help="the recipe's BEIR dev folder")
@@ -363,7 +402,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --smoke for the CPU check")
-    args.sections = args.sections or (list(ESTIMATES) if args.smoke else ["tests", "real_text", "cached_step", "compile"])
+    args.sections = args.sections or (list(ESTIMATES) if args.smoke else ["tests", "check", "real_text", "cached_step", "compile"])
     if args.inputs:
         args.train = args.train or str(args.inputs / "train.jsonl.gz")
         args.model = args.model or str(args.inputs / "minilm")

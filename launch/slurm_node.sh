@@ -2,6 +2,8 @@
 # Run by `srun` as the one task of each node: starts this node's torchrun, which starts one worker
 # per GPU. All nodes meet at a c10d rendezvous on the job's first node, on a port derived from the
 # job id (every node computes the same one without talking). Hydra overrides are passed on.
+# TRAINER_MODULE names the entry point (default trainer; train.sbatch's CHECK_FIRST=1 runs
+# trainer.check through it first).
 set -euo pipefail
 nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}}
 master=$(python -c "import os; from trainer.core.distributed import first_host; print(first_host(os.environ['SLURM_JOB_NODELIST']))")
@@ -19,4 +21,4 @@ exec torchrun \
   --nnodes="${SLURM_NNODES:-1}" --node_rank="${SLURM_NODEID:-0}" --nproc_per_node="$nproc" \
   --max-restarts="${MAX_RESTARTS:-3}" \
   --rdzv_backend=c10d --rdzv_endpoint="$master:$port" --rdzv_id="$SLURM_JOB_ID" \
-  -m trainer "$@"
+  -m "${TRAINER_MODULE:-trainer}" "$@"

@@ -73,13 +73,18 @@ def args_for(assets, steps: int) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, assets, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("slurm-plain")
-    job = submit(workdir, args_for(assets, STEPS))
+    # CHECK_FIRST: trainer.check on the job's ranks before training (its report beside the log).
+    job = submit(workdir, args_for(assets, STEPS), env_extra={"CHECK_FIRST": "1"})
     assert wait_until_done(job) == "COMPLETED", job_output(workdir, job)
     return workdir / "runs" / f"slurm-{job}", job_output(workdir, job)
 
 
 def test_sbatch_two_rank_torchrun_job_completes(uninterrupted):
     run_dir, output = uninterrupted
+    assert "OK: the gather, the chunking and the reduction are exact here" in output
+    job = run_dir.name.removeprefix("slurm-")
+    report = json.loads((run_dir.parents[1] / f"check-{job}.json").read_text())
+    assert report["ok"] and report["world_size"] == 2
     assert "over 2 rank(s)" in output
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))
     assert (run_dir / "model" / "modules.json").exists()

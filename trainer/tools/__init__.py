@@ -7,6 +7,7 @@ entry point that names it).
   score.py      a teacher's scores of every row's [positive] + negatives
   plot.py       the curves of one run or of several overlaid
   summary.py    a sweep's table (CSV) and heatmap
+  check/        the cluster check: exactness of the gather, the chunking and the reduction here, the run's cost
 
 What they share: runner.py (a tool's Hydra app under any launcher), configs.py (their schemas) and
 common.py (evaluate's and calibrate's model, loaded through trainer.core.embedders, the one
