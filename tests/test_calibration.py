@@ -21,7 +21,7 @@ from trainer.eval.calibration import (
 )
 from trainer.eval.beir import BeirSet
 from trainer.eval.evaluate import EmbeddedSet, judged_pairs
-from tests.tiny import read_metadata
+from tests.tiny import read_metadata, run_python_module
 
 SLOPE, INTERCEPT = 9.0, -5.0  # P(relevant) = sigmoid(9 cos - 5): 0.5 at cosine 0.56, as after MNRL training
 
@@ -138,7 +138,11 @@ def trained(tmp_path_factory):
 
 
 def calibrate(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
+    """`python -m trainer.calibrate args` (under torchrun with nproc > 1; else forked from the
+    session's warm interpreter)."""
+    if nproc == 1:
+        return run_python_module("trainer.calibrate", list(args), cwd=REPO, env=subprocess_env(), timeout=300)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.run([*launcher, "-m", "trainer.calibrate", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
 
@@ -165,8 +169,8 @@ def test_calibrate_writes_the_fit_its_picture_and_the_card_and_two_ranks_fit_as_
         assert sharded["params"][key] == pytest.approx(record["params"][key], rel=1e-9)
     assert sharded["ece_after"] == pytest.approx(record["ece_after"], rel=1e-9)
 
-    evaluated = subprocess.run([sys.executable, "-m", "trainer.evaluate", f"model={model}", f"data={dev}"], cwd=REPO,
-                               env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    evaluated = run_python_module("trainer.evaluate", [f"model={model}", f"data={dev}"], cwd=REPO, env=subprocess_env(),
+                                  timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     ece = float(evaluated.stdout.split("ece ")[1].split()[0])
     # evaluate scores the in-sample fit (every pair was fitted on), which is no worse than out of fold.

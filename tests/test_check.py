@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.tiny import REPO, subprocess_env, synthetic_pairs, write_beir, write_jsonl, write_tiny_model
+from tests.tiny import REPO, run_python_module, subprocess_env, synthetic_pairs, write_beir, write_jsonl, write_tiny_model
 
 SCRIPT = str(REPO / "tests" / "dist_scripts" / "check_mutants.py")
 MUTANTS = {  # mutation -> words its failure line must hold
@@ -40,10 +40,15 @@ def overrides(assets, *extra: str) -> list[str]:
 
 
 def run_mutants(entries: list[dict], nproc: int, cwd) -> dict[str, list[dict]]:
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
-    env = subprocess_env(PYTHONPATH=str(REPO))
-    proc = subprocess.run([*launcher, SCRIPT, json.dumps(entries)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    """Each entry's check report (rank 0's), by mutation: 2 ranks under torchrun, 1 rank in the
+    session's warm interpreter."""
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
+        proc = subprocess.run([*launcher, json.dumps(entries)], cwd=cwd, env=subprocess_env(PYTHONPATH=str(REPO)),
+                              capture_output=True, text=True, timeout=600)
+    else:
+        proc = run_python_module("tests.dist_scripts.check_mutants", [json.dumps(entries)], cwd=cwd, env=subprocess_env(),
+                                 timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results: dict[str, list[dict]] = {}
     for line in proc.stdout.splitlines():
@@ -58,15 +63,21 @@ def assert_caught(result: dict, words: str) -> None:
     assert any(words in line for line in result["failures"]), result["failures"]
 
 
-def test_two_ranks_pass_clean_and_catch_every_mutation(assets, tmp_path):
-    entries = [{"mutation": m, "overrides": overrides(assets)} for m in ["none", *MUTANTS]]
+def test_two_ranks_pass_clean_under_ddp_and_zero_1_2_3_and_catch_every_mutation(assets, tmp_path):
+    zero = [{"mutation": "none", "overrides": overrides(assets, "trainer.backend=deepspeed", f"deepspeed.zero_stage={s}")}
+            for s in (1, 2, 3)]
+    entries = [{"mutation": m, "overrides": overrides(assets)} for m in ["none", *MUTANTS]] + zero
     results = run_mutants(entries, nproc=2, cwd=tmp_path)
-    clean = results["none"][0]
+    clean, *zero_runs = results["none"]
     assert clean["ok"], clean["failures"]
     figures = clean["exactness"]
     assert figures["chunks_re-embedded"] >= 4 and figures["gather_gradient_factor"] == pytest.approx(2.0)
     assert figures["reductions"]["plain"] >= 1  # DDP reduced, and as often chunked as plain
     assert figures["replay_dropout"]
+    assert [r["backend"].split(";")[0] for r in zero_runs] == [f"deepspeed ZeRO-{s}" for s in (1, 2, 3)]
+    for result in zero_runs:
+        assert result["ok"], (result["backend"], result["failures"])
+        assert result["exactness"]["reductions"]["plain"] >= 1
     for mutation, words in MUTANTS.items():
         assert_caught(results[mutation][0], words)
     # The gather's mutations move the gradient itself, far past the tolerance; the layout's moves
@@ -88,28 +99,18 @@ def test_one_rank_passes_clean_and_catches_what_one_rank_can_show(assets, tmp_pa
     assert results["gather-scaled"][0]["ok"]
 
 
-def test_zero_1_2_3_pass_the_check(assets, tmp_path):
-    entries = [{"mutation": "none", "overrides": overrides(assets, "trainer.backend=deepspeed", f"deepspeed.zero_stage={s}")}
-               for s in (1, 2, 3)]
-    results = run_mutants(entries, nproc=2, cwd=tmp_path)
-    assert [r["backend"].split(";")[0] for r in results["none"]] == [f"deepspeed ZeRO-{s}" for s in (1, 2, 3)]
-    for result in results["none"]:
-        assert result["ok"], (result["backend"], result["failures"])
-        assert result["exactness"]["reductions"]["plain"] >= 1
-
-
 def test_the_command_prints_a_table_writes_check_json_and_fails_in_one_line(assets, tmp_path):
     out = tmp_path / "report" / "check.json"
     out.parent.mkdir()
-    cmd = [sys.executable, "-m", "trainer.check", *overrides(assets), f"check.output={out}", "hydra.run.dir=ignored"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    args = [*overrides(assets), f"check.output={out}", "hydra.run.dir=ignored"]
+    proc = run_python_module("trainer.check", args, cwd=tmp_path, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "OK: the gather, the chunking and the reduction are exact here" in proc.stdout
     report = json.loads(out.read_text())
     assert report["ok"] and report["world_size"] == 1 and report["cost"]["pairs_per_s"] > 0
     assert report["cost"]["projected_s"] > 0 and report["cost"]["evaluations"] == 3  # step 0, step 2, the end
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no run folder, no outputs/
-    bad = subprocess.run([sys.executable, "-m", "trainer.check", *overrides(assets), "check.rowz=2"], cwd=tmp_path,
-                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    bad = run_python_module("trainer.check", [*overrides(assets), "check.rowz=2"], cwd=tmp_path, env=subprocess_env(),
+                            timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert "check.rowz=2: unknown check setting" in bad.stderr

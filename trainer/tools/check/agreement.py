@@ -36,6 +36,13 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _nccl_version() -> str | None:
+    if not torch.distributed.is_nccl_available():
+        return None
+    version = torch.cuda.nccl.version()  # a tuple in recent torch releases, an int in older ones
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
 def facts(run: Run) -> dict:
     device = run.device
     cuda = device.type == "cuda"
@@ -46,7 +53,7 @@ def facts(run: Run) -> dict:
         "model": parameter_hash(run),
         "versions": {name: _version(name) for name in ("torch", "transformers", "deepspeed", "contrastive-trainer")},
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda and torch.distributed.is_nccl_available() else None,
+        "nccl": _nccl_version() if cuda else None,
         "host": platform.node(),
     }
 

@@ -83,9 +83,13 @@ def real_step(run: Run, batch: dict, chunk_rows: int | None, keep_graphs: bool):
     return step(batch["queries"], batch["docs"], batch["query_hashes"], batch["doc_hashes"], teacher)
 
 
+def _is_engine(model) -> bool:
+    """A DeepSpeed engine (what GradCache itself takes for one)."""
+    return hasattr(model, "coalesce_grad_reduction") and hasattr(model, "backward")
+
+
 def _engine(run: Run):
-    model = run.backend.model
-    return model if hasattr(model, "coalesce_grad_reduction") and hasattr(model, "backward") else None
+    return run.backend.model if _is_engine(run.backend.model) else None
 
 
 def read_gradients(run: Run) -> dict[str, torch.Tensor]:
@@ -138,17 +142,20 @@ class ReductionCounter:
 
             comm.comms_logger.enabled, comm.comms_logger.prof_all = True, True
 
+    def close(self) -> None:
+        """Stop DeepSpeed's comm logger (it times every collective: the timed step must not pay)."""
+        if _is_engine(self.model):
+            from deepspeed import comm
+
+            comm.comms_logger.enabled = False
+
     def count(self) -> int:
-        if _engine_of(self.model):
+        if _is_engine(self.model):
             from deepspeed import comm
 
             return sum(n for op, sizes in comm.comms_logger.comms_dict.items() if "reduce" in op
                        for n, *_ in sizes.values())
         return self.calls[0]
-
-
-def _engine_of(model) -> bool:
-    return hasattr(model, "coalesce_grad_reduction") and hasattr(model, "backward")
 
 
 def relative_difference(grads: dict, reference: dict) -> float:
@@ -246,6 +253,7 @@ def check_exactness(run: Run, rows: int, chunk_rows: int) -> Exactness:
             result.failures.append(Failure(rank, f"the gather {what}: it hands back {factor:.3g}x the upstream "
                                                  f"gradient, the loss needs {world}x (the sum over ranks)"))
     result.failures += _replay(run, mine, chunk_rows, tol, result.figures, _has_dropout(run.encoder))
+    counter.close()
     run.backend.model.train()
     return result
 
