@@ -29,6 +29,10 @@ SelectTypeParameters=CR_Core
 DefMemPerCPU=$((memory / cpus))
 ReturnToService=2
 SchedulerType=sched/backfill
+# A requeued job that becomes eligible again (cred_expire below) starts at the next scheduling
+# pass, not on an event: every 2 s here rather than Slurm's 60 s (30 s for backfill), so a requeue
+# test waits seconds, not up to a minute.
+SchedulerParameters=sched_interval=2,bf_interval=2
 JobRequeue=1
 # A requeued job may start only once the credential of its previous run has expired (default 120
 # s, which is also how long Slurm holds it). Short here, so a requeue test needs no StartTime=now,
