@@ -111,6 +111,12 @@ def available_bytes(device: torch.device) -> int:
     return min(limits) if limits else 1 << 62
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): before a timer or a memory reading."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PeakMemory:
     """Bytes in use at the peak of a block, above what was in use when it began (None if this
     platform cannot tell): CUDA's allocator statistics, or on Linux the process's peak RSS, which
@@ -122,7 +128,7 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
@@ -131,7 +137,7 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
         elif self._start is not None:
             peak = _proc_status("VmHWM")

@@ -68,11 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.run.app import fail
     from trainer.run.checkpoint import CheckpointError
     from trainer.tools.check.report import table, write
-    from trainer.tools.check.settings import split_overrides
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        settings, _ = split_overrides(argv)
         report = run_check(argv)
     except (DataError, ValueError, CheckpointError) as err:
         fail(str(err))
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(err).strip().splitlines()[0])
     if distributed.is_main():
         print(table(report), flush=True)
-        print(f"wrote {write(report, settings.output)}", flush=True)
+        print(f"wrote {write(report, report['settings']['output'])}", flush=True)
     distributed.barrier()
     distributed.teardown()
     return 0 if report["ok"] else 1

@@ -11,28 +11,23 @@ import torch
 
 from trainer.core import distributed
 from trainer.core.embedders import text_embedder
-from trainer.core.memory import PeakMemory, available_bytes
+from trainer.core.memory import PeakMemory, available_bytes, synchronize
 from trainer.data import StepBatches
 from trainer.data.loader import to_device
 from trainer.run.build import Run
 from trainer.tools.check.exactness import base_step
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(run: Run, batch: dict) -> tuple[float, object]:
     """Seconds of one whole step (GradCache, then the backend's optimizer step), agreed as the
     slowest rank's, and the step's output."""
-    _synchronize(run.device)
+    synchronize(run.device)
     distributed.barrier()
     start = time.perf_counter()
     teacher = batch.get("teacher_scores") if run.loss_fn.distill else None
     out = run.step(batch["queries"], batch["docs"], batch["query_hashes"], batch["doc_hashes"], teacher)
     run.backend.step(True)
-    _synchronize(run.device)
+    synchronize(run.device)
     seconds = time.perf_counter() - start
     return max(distributed.all_gather_object(seconds)), out
 
@@ -61,10 +56,10 @@ def evaluation_seconds(run: Run) -> float | None:
         embed = text_embedder(run.encoder, run.tokenizer, prefix, length, run.device, run.autocast_dtype)
         with torch.no_grad():
             embed(texts[:size])  # warm
-            _synchronize(run.device)
+            synchronize(run.device)
             start = time.perf_counter()
             embed(texts[:size])
-            _synchronize(run.device)
+            synchronize(run.device)
         total += (time.perf_counter() - start) * math.ceil(len(texts) / run.env.world_size / size)
     run.encoder.train()
     return total

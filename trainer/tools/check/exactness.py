@@ -41,9 +41,6 @@ class Failure:
     rank: int | None  # None: every rank alike
     message: str
 
-    def line(self) -> str:
-        return self.message if self.rank is None else f"rank {self.rank}: {self.message}"
-
 
 @dataclass
 class Exactness:
@@ -83,32 +80,29 @@ def real_step(run: Run, batch: dict, chunk_rows: int | None, keep_graphs: bool):
     return step(batch["queries"], batch["docs"], batch["query_hashes"], batch["doc_hashes"], teacher)
 
 
-def _is_engine(model) -> bool:
-    """A DeepSpeed engine (what GradCache itself takes for one)."""
-    return hasattr(model, "coalesce_grad_reduction") and hasattr(model, "backward")
-
-
 def _engine(run: Run):
-    return run.backend.model if _is_engine(run.backend.model) else None
+    """The DeepSpeed engine the run's GradCache drives (None under DDP or one plain process)."""
+    return base_step(run).engine
 
 
 def read_gradients(run: Run) -> dict[str, torch.Tensor]:
     """The step's reduced gradient of every trainable parameter, whole and unscaled, in fp32."""
-    engine = _engine(run)
+    full_grad = (lambda p: p.grad) if _engine(run) is None else _deepspeed_full_grad()
     scale = run.backend.grad_scaler.get_scale() if run.backend.grad_scaler is not None else 1.0
     out = {}
     for name, p in run.encoder.named_parameters():
         if not p.requires_grad:
             continue
-        if engine is not None:
-            from deepspeed.utils import safe_get_full_grad
-
-            grad = safe_get_full_grad(p)
-        else:
-            grad = p.grad
+        grad = full_grad(p)
         if grad is not None:
             out[name] = grad.detach().float().clone() / scale
     return out
+
+
+def _deepspeed_full_grad():
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad
 
 
 def clear_gradients(run: Run) -> None:
@@ -126,7 +120,7 @@ class ReductionCounter:
     reduces as DDP's default does), or DeepSpeed's reduce collectives (its comm logger)."""
 
     def __init__(self, run: Run) -> None:
-        self.model, self.calls = run.backend.model, [0]
+        self.model, self.calls, self.engine = run.backend.model, [0], _engine(run)
         if isinstance(self.model, DistributedDataParallel):
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
                 allreduce_hook,
@@ -137,20 +131,20 @@ class ReductionCounter:
                 return allreduce_hook(None, bucket)
 
             self.model.register_comm_hook(None, counting)
-        elif _engine(run) is not None:
+        elif self.engine is not None:
             from deepspeed import comm
 
             comm.comms_logger.enabled, comm.comms_logger.prof_all = True, True
 
     def close(self) -> None:
         """Stop DeepSpeed's comm logger (it times every collective: the timed step must not pay)."""
-        if _is_engine(self.model):
+        if self.engine is not None:
             from deepspeed import comm
 
             comm.comms_logger.enabled = False
 
     def count(self) -> int:
-        if _is_engine(self.model):
+        if self.engine is not None:
             from deepspeed import comm
 
             return sum(n for op, sizes in comm.comms_logger.comms_dict.items() if "reduce" in op

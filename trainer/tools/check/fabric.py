@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.core import distributed
+from trainer.core.memory import synchronize
 from trainer.run.build import Run
 
 
@@ -19,12 +20,10 @@ def _timed(operation, device: torch.device, repeats: int) -> float:
     operation()  # the first call sets up the communicator
     for _ in range(repeats):
         distributed.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         operation()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -33,9 +32,8 @@ def step_sizes(run: Run) -> tuple[tuple[int, int], int]:
     """((rows, dim) of the embeddings one rank contributes to a step's gathers, gradient elements)."""
     local = run.inputs.batches.local_batch_size
     rows = local * (2 + run.inputs.num_negatives)  # queries, positives and negatives
-    elements = sum(p.numel() for p in run.encoder.parameters() if p.requires_grad)
-    if run.backend.partitions_parameters:
-        elements = sum(getattr(p, "ds_numel", p.numel()) for p in run.encoder.parameters() if p.requires_grad)
+    # ds_numel: a ZeRO-3 parameter's whole size (its numel is this rank's partition).
+    elements = sum(getattr(p, "ds_numel", p.numel()) for p in run.encoder.parameters() if p.requires_grad)
     return (rows, run.encoder.dim), elements
 
 
